@@ -1,0 +1,36 @@
+"""Pieces several adapters share: the standard step with gradient accumulation."""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable
+
+import torch
+
+from bench.workload import Batch
+from impl.model import lm_loss
+
+
+def accumulating_step(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    microbatches: int,
+    no_sync: Callable[[], AbstractContextManager] = nullcontext,
+) -> Callable[[Batch], torch.Tensor]:
+    """Forward/backward over `microbatches` slices (gradients synchronised only
+    on the last), then one optimizer step. Returns the mean loss."""
+
+    def step(batch: Batch) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        parts = batch.split(microbatches)
+        total = torch.zeros(())
+        for i, mb in enumerate(parts):
+            ctx = no_sync() if i < len(parts) - 1 else nullcontext()
+            with ctx:
+                loss = lm_loss(forward(mb.inputs), mb.targets) / len(parts)
+                loss.backward()
+            total += loss.detach().float().cpu()
+        optimizer.step()
+        return total
+
+    return step

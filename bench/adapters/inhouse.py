@@ -1,0 +1,36 @@
+"""The `inhouse` adapter: TrainBench's own implementations from `impl/`.
+
+Composition order lives in ``build`` (the plan function); the comments say why.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from bench.adapters.base import Adapter, Capabilities, TrainStep, runs_everywhere
+from bench.adapters.common import accumulating_step
+from bench.knobs import Knobs
+from bench.workload import torch_optimizer
+from impl.data_parallel import apply_data_parallel
+from impl.model import Decoder
+from impl.parallel_dims import ParallelDims
+
+
+class InhouseAdapter(Adapter):
+    name = "inhouse"
+    description = "TrainBench's reference implementations (impl/)"
+    capabilities = Capabilities(
+        runs=runs_everywhere("data_parallel", "grad_accumulation", "optimizer_adamw", "optimizer_sgd", "device_cuda"),
+    )
+
+    def build(self, knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
+        # Data-parallel hooks go on last: they must see the final parameters
+        # after any technique that replaces or shards them.
+        sync = apply_data_parallel(model, group=dist.group.WORLD) if dims.dp > 1 else None
+        optimizer = torch_optimizer(knobs.optimizer, model.parameters())
+        step = accumulating_step(
+            model, optimizer, microbatches=knobs.microbatches, no_sync=sync.no_sync if sync else nullcontext
+        )
+        return TrainStep(step, modules=[model], optimizers=[optimizer], notes={"model_type": "impl.model.Decoder"})

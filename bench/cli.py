@@ -1,0 +1,238 @@
+"""`bench`: run, validate, report, export, theory, list, doctor."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.suite import MAX_CELLS, SuiteError, load_suite
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description="TrainBench: efficient-training techniques, measured alike.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a suite (one torchrun per cell)")
+    p.add_argument("suite")
+    p.add_argument("--results", default="results", help="results root (default: results/)")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue RUN_ID, skipping cells it already recorded")
+    p.add_argument("--run-id", help="name the run (default: UTC timestamp + random suffix)")
+    p.add_argument("--force", action="store_true", help=f"allow more than {MAX_CELLS} cells")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("validate", help="check a suite and print its expanded cells")
+    p.add_argument("suite")
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("report", help="write the HTML report of a run")
+    p.add_argument("results", help="a run's .jsonl, a suite folder (newest run) or the results root")
+    p.add_argument("--out", default="reports", help="reports root (default: reports/)")
+
+    p = sub.add_parser("export", help="flatten records to CSV")
+    p.add_argument("results")
+    p.add_argument("--csv", action="store_true", required=True)
+    p.add_argument("-o", "--output", help="file to write (default: stdout)")
+
+    p = sub.add_parser("theory", help="print the papers' predictions")
+    p.add_argument("kind", choices=["memory", "comm"])
+    p.add_argument("--params", type=float, required=True, help="Ψ, e.g. 7.5e9")
+    p.add_argument("--dp", type=int, required=True, help="data-parallel ranks N_d")
+    p.add_argument("--optimizer", default="adamw")
+
+    sub.add_parser("list", help="adapter × technique support matrix")
+    sub.add_parser("doctor", help="what is installed, the device, and why an adapter is unavailable")
+
+    args = parser.parse_args(argv)
+    return {
+        "run": cmd_run, "validate": cmd_validate, "report": cmd_report, "export": cmd_export,
+        "theory": cmd_theory, "list": cmd_list, "doctor": cmd_doctor,
+    }[args.command](args)
+
+
+def _load(path: str, force: bool):
+    try:
+        return load_suite(path, max_cells=10**9 if force else MAX_CELLS)
+    except SuiteError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        return None
+
+
+def cmd_validate(args) -> int:
+    loaded = _load(args.suite, args.force)
+    if loaded is None:
+        return 2
+    suite, cells = loaded
+    from bench import adapters
+
+    table = Table(title=f"{suite.name}: {len(cells)} cells (steps={suite.steps}, warmup={suite.warmup}, timeout_s={suite.timeout_s:g})")
+    for col in ("#", "id", "source", "adapter", "ws", "dp", "tp", "pp", "zero", "precision", "knobs that differ from defaults", "pre-launch verdict"):
+        table.add_column(col)
+    from bench.knobs import Knobs
+
+    base = Knobs(world_size=1).resolved()
+    for c in cells:
+        k = c.knobs
+        diff = {n: v for n, v in k.resolved().items() if v != base[n] and n not in ("adapter", "world_size", "dp", "tp", "pp", "zero", "precision")}
+        verdict = adapters.why_not(k)
+        table.add_row(str(c.index), c.id, c.label, k.adapter, str(k.world_size), str(k.dp), str(k.tp), str(k.pp), str(k.zero),
+                      k.precision, ", ".join(f"{n}={v}" for n, v in diff.items()), "runs" if not verdict else f"unsupported: {verdict}")
+    console.print(table)
+    return 0
+
+
+def cmd_run(args) -> int:
+    loaded = _load(args.suite, args.force)
+    if loaded is None:
+        return 2
+    suite, cells = loaded
+    from bench.results import check_run_id
+    from bench.runner import Runner
+
+    run_id = args.resume or args.run_id
+    try:
+        if run_id:
+            check_run_id(run_id)
+    except ValueError as exc:
+        err_console.print(f"error: {exc}")
+        return 2
+    results_root = Path(args.results)
+    if args.resume and not (results_root / suite.name / f"{args.resume}.jsonl").exists():
+        err_console.print(f"error: --resume {args.resume}: no such run under {results_root / suite.name}")
+        return 2
+    try:
+        results_root.mkdir(parents=True, exist_ok=True)
+        probe = results_root / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        err_console.print(f"error: results directory {results_root} is not writable: {exc}")
+        return 2
+    runner = Runner(suite, cells, results_root=results_root, run_id=run_id, progress=not args.no_progress)
+
+    def show(rec) -> None:
+        m = rec["metrics"] or {}
+        extra = f"{m['step_time_median_s'] * 1e3:.1f} ms/step" if m else (rec["reason"] or "")[:160]
+        console.print(f"  {rec['status']:<11} {rec['cell_id']} {rec['adapter']:<10} {extra}", highlight=False)
+
+    summary = runner.run(on_record=show)
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(summary.counts.items())) or "nothing new"
+    console.print(f"run {summary.run_file.run_id}: {counts}; {summary.skipped} already recorded", highlight=False)
+    if summary.fixed_cost_median_s is not None:
+        console.print(f"fixed per-cell cost (launch + imports + set-up + warm-up, timed steps excluded): "
+                      f"median {summary.fixed_cost_median_s:.2f} s over {len(summary.fixed_costs_s)} cells", highlight=False)
+    console.print(f"results: {summary.run_file.path}", highlight=False)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from bench.report import write_report
+    from bench.results import resolve_results
+
+    try:
+        files = resolve_results(args.results)
+    except FileNotFoundError as exc:
+        err_console.print(f"error: {exc}")
+        return 2
+    for f in files:
+        out = write_report(f, Path(args.out))
+        console.print(f"report: {out}", highlight=False)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import pandas as pd
+
+    from bench.results import flatten, read_records, resolve_results
+
+    rows = [flatten(r) for f in resolve_results(args.results) for r in read_records(f)]
+    frame = pd.DataFrame(rows)
+    if args.output:
+        frame.to_csv(args.output, index=False)
+    else:
+        frame.to_csv(sys.stdout, index=False)
+    return 0
+
+
+def cmd_theory(args) -> int:
+    from bench import theory
+
+    gb = 1e9
+    if args.kind == "memory":
+        table = Table(title=f"model-state memory per rank, Ψ = {args.params:.3g}, N_d = {args.dp}, {args.optimizer} (GB = 1e9 bytes)")
+        table.add_column("precision")
+        for stage in range(4):
+            table.add_column(f"ZeRO-{stage}" if stage else "baseline (DDP)", justify="right")
+        for precision in ("fp16", "bf16", "fp32"):
+            row = [precision]
+            for stage in range(4):
+                s = theory.model_state_bytes(args.params, zero=stage, dp=args.dp, precision=precision, optimizer=args.optimizer)
+                row.append(f"{sum(s.values()) / gb:.2f}")
+            table.add_row(*row)
+    else:
+        table = Table(title=f"communication per rank per step, Ψ = {args.params:.3g}, N_d = {args.dp} (bus bytes, GB)")
+        for col in ("stage", "elements", "fp32 bytes", "16-bit bytes"):
+            table.add_column(col, justify="right")
+        for stage in range(4):
+            el = theory.dp_comm_elements(args.params, zero=stage, dp=args.dp)
+            table.add_row(f"ZeRO-{stage}" if stage else "DDP", f"{el:.4g}", f"{4 * el / gb:.2f}", f"{2 * el / gb:.2f}")
+    console.print(table)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from bench import adapters
+    from bench.techniques import TECHNIQUES
+
+    table = Table(title="adapter × technique (ok | cpu-only/cuda-only | unsupported: reason)")
+    table.add_column("technique")
+    names = adapters.names()
+    for n in names:
+        table.add_column(n)
+    for t in TECHNIQUES:
+        row = [t.name]
+        for n in names:
+            caps = adapters.get(n).capabilities
+            devices = caps.runs.get(t.name)
+            if devices is None:
+                row.append(f"unsupported: {caps.reasons.get(t.name, 'not implemented')}")
+            elif devices == frozenset({"cpu", "cuda"}):
+                row.append("ok")
+            else:
+                missing = sorted({"cpu", "cuda"} - devices)
+                row.append(f"{'/'.join(sorted(devices))} only; {'/'.join(missing)}: {caps.reasons.get(t.name, 'not implemented')}")
+        table.add_row(*row)
+    console.print(table)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from bench import adapters
+    from bench.results import environment
+
+    env = environment()
+    console.print(f"host {env['host']}, cpu {env['cpu']} × {env['cpu_count']}, python {env['versions']['python']}", highlight=False)
+    for pkg, ver in env["versions"].items():
+        console.print(f"  {pkg:<13} {ver or 'not installed'}", highlight=False)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            console.print(f"device: cuda × {torch.cuda.device_count()} ({torch.cuda.get_device_name(0)})", highlight=False)
+        else:
+            console.print("device: cpu only (no CUDA device visible)", highlight=False)
+    except ImportError:
+        console.print("device: unknown (torch is not installed)")
+    for n in adapters.names():
+        why = adapters.get(n).unavailable_reason()
+        console.print(f"adapter {n:<11} {'available' if why is None else 'unavailable: ' + why}", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The shared knob vocabulary (DESIGN.md) as one typed, validated model.
+
+Every adapter and every suite speaks these names. ``Knobs`` validates one
+cell's values and their cross-field constraints; errors name the field.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from impl.model_config import PRESETS
+from impl.parallel_dims import ParallelDims
+
+Adapter = Literal["inhouse", "torch", "deepspeed", "colossalai"]
+PipelineSchedule = Literal["gpipe", "1f1b", "interleaved", "pipedream", "zbv", "zb1p", "dualpipev"]
+Optimizer = Literal["adamw", "sgd", "adafactor", "adam8bit", "onebit_adam", "onebit_lamb", "lamb", "lars"]
+Attention = Literal[
+    "dense", "sliding_window", "dilated", "global", "random", "block_local", "longformer", "bigbird"
+]
+Fault = Literal["none", "raise", "hang", "oom", "segfault", "slow"]
+
+class Knobs(BaseModel):
+    """One fully described cell. Unknown names are rejected (with a suggestion)
+    before this model sees them; see ``bench.suite``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    adapter: Adapter = "inhouse"
+    model: str = "tiny"
+    device: Literal["cpu", "cuda"] = "cpu"
+    world_size: int = Field(default=1, strict=True, ge=1)
+    dp: int | None = Field(default=None, strict=True, ge=1)
+    tp: int = Field(default=1, strict=True, ge=1)
+    pp: int = Field(default=1, strict=True, ge=1)
+    tp_mode: Literal["1d", "2d", "2.5d", "3d"] = "1d"
+    tp_depth: int = Field(default=1, strict=True, ge=1)
+    sequence_parallel: Literal["none", "megatron", "ring"] = "none"
+    microbatches: int = Field(default=1, strict=True, ge=1)
+    pp_schedule: PipelineSchedule = "1f1b"
+    virtual_stages: int = Field(default=1, strict=True, ge=1)
+    zero: Literal[0, 1, 2, 3] = 0
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    checkpointing: Literal["none", "full", "selective"] = "none"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    optimizer: Optimizer = "adamw"
+    fusion: Literal["none", "fused", "compile"] = "none"
+    allreduce: Literal["backend", "ring", "tree", "ps"] = "backend"
+    attention: Attention = "dense"
+    batch_size: int = Field(default=8, strict=True, ge=1)
+    seq_len: int = Field(default=64, strict=True, ge=1)
+    strategy: Literal["manual", "auto"] = "manual"
+    fault: Fault = "none"
+    """Test-only fault injection: raise, hang, oom (a real failed allocation),
+    segfault, or slow (every timed step 20 % slower)."""
+
+    @field_validator("sequence_parallel", mode="before")
+    @classmethod
+    def _sp_aliases(cls, value: Any) -> Any:
+        # DESIGN.md: `true` means megatron, `false` means none.
+        if value is True:
+            return "megatron"
+        if value is False:
+            return "none"
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown model preset {value!r}; known: {', '.join(PRESETS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Knobs":
+        dims = ParallelDims.derive(world_size=self.world_size, tp=self.tp, pp=self.pp, dp=self.dp)
+        if self.dp is None:
+            object.__setattr__(self, "dp", dims.dp)
+        _check_tp_mode(self.tp, self.tp_mode, self.tp_depth)
+        cfg = PRESETS[self.model]
+        if self.tp_mode == "1d" and cfg.n_kv_heads % self.tp:
+            raise ValueError(
+                f"tp = {self.tp} does not divide the {cfg.n_kv_heads} key/value heads of model {self.model!r}"
+            )
+        if self.seq_len > cfg.max_seq_len:
+            raise ValueError(f"seq_len = {self.seq_len} exceeds max_seq_len = {cfg.max_seq_len} of {self.model!r}")
+        per_step = self.dp * self.microbatches
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size = {self.batch_size} is not divisible by dp*microbatches = {per_step} "
+                f"(dp={self.dp}, microbatches={self.microbatches})"
+            )
+        if self.pp_schedule == "interleaved" and self.pp > 1 and self.virtual_stages < 2:
+            raise ValueError("pp_schedule = 'interleaved' needs virtual_stages >= 2")
+        if self.pp * self.virtual_stages > cfg.n_layers:
+            raise ValueError(
+                f"pp*virtual_stages = {self.pp * self.virtual_stages} exceeds the {cfg.n_layers} layers of {self.model!r}"
+            )
+        if self.sequence_parallel == "megatron" and self.tp < 2:
+            raise ValueError("sequence_parallel = 'megatron' needs tp >= 2")
+        if self.offload == "optimizer" and self.zero < 1:
+            raise ValueError("offload = 'optimizer' needs zero >= 1 (ZeRO-Offload partitions the optimizer)")
+        if self.offload == "optimizer+params" and self.zero != 3:
+            raise ValueError("offload = 'optimizer+params' needs zero = 3")
+        if self.pp > 1 and self.zero > 1:
+            raise ValueError(f"zero = {self.zero} cannot be combined with pp = {self.pp} (only zero 0/1 with pipelines)")
+        return self
+
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(world_size=self.world_size, dp=self.dp, tp=self.tp, pp=self.pp)
+
+    def resolved(self) -> dict[str, Any]:
+        """Every knob with its resolved value, JSON-ready."""
+        return self.model_dump(mode="json")
+
+
+def _check_tp_mode(tp: int, mode: str, depth: int) -> None:
+    """2D needs tp = q², 2.5D tp = q²·d, 3D tp = q³ (Colossal-AI's grids)."""
+    if mode == "1d" or tp == 1:
+        return
+    if mode == "2d":
+        q = math.isqrt(tp)
+        if q * q != tp:
+            raise ValueError(f"tp_mode = '2d' needs tp to be a square (q*q), got tp = {tp}")
+    elif mode == "2.5d":
+        if tp % depth:
+            raise ValueError(f"tp_mode = '2.5d' needs tp = q*q*tp_depth, got tp = {tp}, tp_depth = {depth}")
+        q = math.isqrt(tp // depth)
+        if q * q * depth != tp:
+            raise ValueError(f"tp_mode = '2.5d' needs tp = q*q*tp_depth, got tp = {tp}, tp_depth = {depth}")
+    elif mode == "3d":
+        q = round(tp ** (1 / 3))
+        if q**3 != tp:
+            raise ValueError(f"tp_mode = '3d' needs tp to be a cube (q*q*q), got tp = {tp}")
+
+
+KNOB_NAMES: tuple[str, ...] = tuple(Knobs.model_fields)

@@ -1,0 +1,1 @@
+"""Measurement, in one place: the harness uses these for every adapter alike."""

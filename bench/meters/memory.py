@@ -1,0 +1,93 @@
+"""Peak memory: CUDA allocator statistics, or on CPU a tensor-level tracker.
+
+CPU has no allocator statistics. ``CpuPeakTracker`` runs ``torch.profiler``
+with ``profile_memory=True`` from before the model is built through the
+warm-up steps and takes the peak of the running sum of allocation events
+(the profiler's "Total Allocated"): peak live-tensor bytes. Peak RSS
+(``VmHWM``) is reported separately and is only a sanity check (it includes
+the interpreter, libraries and allocator caching).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+
+
+class CpuPeakTracker:
+    def __init__(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.peak_bytes: int | None = None
+
+    def __enter__(self) -> "CpuPeakTracker":
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._prof.__exit__(*exc)
+        events = sorted(
+            (e.start_ns(), e.nbytes())
+            for e in self._prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        )
+        self.peak_bytes = max(itertools.accumulate(b for _, b in events), default=0)
+
+
+def peak_rss_bytes() -> int | None:
+    """High-water mark of this process's resident set (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def cuda_peaks(device: torch.device) -> dict[str, int]:
+    stats = torch.cuda.memory_stats(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "peak_allocated_bytes": int(stats.get("allocated_bytes.all.peak", 0)),
+        "peak_reserved_bytes": int(stats.get("reserved_bytes.all.peak", 0)),
+        "device_total_bytes": int(total),
+    }
+
+
+def model_state_bytes(modules: list[Any], optimizers: list[Any]) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state held by this rank.
+
+    Storages are de-duplicated, so flat buffers with parameter views (ZeRO,
+    FSDP) are counted once, under the first category that reaches them."""
+    seen: set[int] = set()
+
+    def add(t: Any) -> int:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return 0
+        t = getattr(t, "_local_tensor", t)  # DTensor: the local shard
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen or storage.nbytes() == 0:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+
+    params = grads = state = 0
+    for m in modules:
+        for p in m.parameters():
+            params += add(p)
+    for m in modules:
+        for p in m.parameters():
+            grads += add(p.grad)
+    for opt in optimizers:
+        for per_param in getattr(opt, "state", {}).values():
+            if isinstance(per_param, dict):
+                for v in per_param.values():
+                    state += add(v)
+        for extra in getattr(opt, "extra_state_tensors", lambda: [])():
+            state += add(extra)
+    return {"params": params, "grads": grads, "optimizer": state}

@@ -1,0 +1,126 @@
+"""One self-contained HTML page per run: environment, results table, plots,
+measured ÷ theory, failures with reasons. Images are inlined (no network)."""
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from bench.results import read_records
+
+THEORY_TOLERANCE = {"comm_bytes_per_step": 0.01, "model_state_total": 0.05}
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("bench.report", "templates"),
+    autoescape=jinja2.select_autoescape(["html", "j2"]),
+    undefined=jinja2.StrictUndefined,
+)
+
+
+def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        m, c = r.get("metrics") or {}, r["config"]
+        knobs = {k: c[k] for k in ("world_size", "dp", "tp", "pp", "zero", "precision", "optimizer", "microbatches")}
+        rows.append({
+            "cell": r["cell_id"], "adapter": r["adapter"], "status": r["status"], "reason": r.get("reason") or "",
+            "label": f"{r['adapter']} " + " ".join(f"{k}={v}" for k, v in knobs.items() if v not in (1, 0, "fp32", "adamw") or k == "world_size"),
+            **knobs,
+            "step_time_ms": m.get("step_time_median_s", float("nan")) * 1e3 if m else float("nan"),
+            "tokens_per_s": m.get("tokens_per_s") if m else None,
+            "mfu_pct": (m["mfu"] * 100) if m and m.get("mfu") is not None else None,
+            "peak_mem_mib": (m["peak_mem_bytes"] / 2**20) if m and m.get("peak_mem_bytes") else None,
+            "peak_rss_mib": (m["peak_rss_bytes"] / 2**20) if m and m.get("peak_rss_bytes") else None,
+            "comm_mib_per_step": (m["comm_bytes_per_step"] / 2**20) if m else None,
+            "final_loss": next((l for l in reversed(m.get("losses") or []) if l is not None), None) if m else None,
+            "fixed_cost_s": (r.get("timing") or {}).get("fixed_cost_s"),
+        })
+    return pd.DataFrame(rows)
+
+
+def _plot(df: pd.DataFrame, metric: str, title: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = df.dropna(subset=[metric])
+    if data.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(data) + 1.2))
+    sns.barplot(data=data, y="label", x=metric, hue="adapter", dodge=False, ax=ax, orient="h")
+    ax.set_title(title)
+    ax.set_ylabel("")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _step_plot(records: list[dict[str, Any]]) -> str | None:
+    """Raw step-time samples per cell, so the spread (the CI) is visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    rows = [{"cell": f"{r['adapter']} {r['cell_id']}", "adapter": r["adapter"], "step_ms": s * 1e3}
+            for r in records if r.get("metrics") for s in r["metrics"]["step_time_s"]]
+    if not rows:
+        return None
+    data = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * data["cell"].nunique() + 1.2))
+    sns.pointplot(data=data, y="cell", x="step_ms", hue="adapter", estimator="median", errorbar=("pi", 80), linestyle="none", ax=ax)
+    ax.set_title("step time (median, p10–p90 bars)")
+    ax.set_ylabel("")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def theory_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        for key, ratio in (r.get("theory_ratio") or {}).items():
+            if ratio is None:
+                continue
+            tol = THEORY_TOLERANCE.get(key)
+            rows.append({"cell": r["cell_id"], "adapter": r["adapter"], "quantity": key, "ratio": ratio,
+                         "tolerance": tol, "out_of_tolerance": tol is not None and abs(ratio - 1) > tol})
+    return rows
+
+
+def write_report(results_file: Path, out_root: Path) -> Path:
+    records = list(read_records(results_file))
+    if not records:
+        raise ValueError(f"{results_file} holds no records")
+    suite, run_id = records[0]["suite"], records[0]["run_id"]
+    df = frame(records)
+    plots = [(title, img) for title, img in (
+        ("step time", _step_plot(records)),
+        ("tokens/s", _plot(df, "tokens_per_s", "tokens per second (global)")),
+        ("peak memory", _plot(df, "peak_mem_mib", "peak live-tensor / allocated memory, MiB (max over ranks)")),
+        ("communication", _plot(df, "comm_mib_per_step", "communication bus MiB per step per rank")),
+        ("MFU", _plot(df, "mfu_pct", "MFU %")),
+    ) if img]
+    columns = ["cell", "label", "status", "step_time_ms", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
+               "comm_mib_per_step", "final_loss", "fixed_cost_s"]
+    html = _TEMPLATES.get_template("report.html.j2").render(
+        suite=suite, run_id=run_id, env=records[0]["env"], table=df[columns].to_dict("records"), columns=columns,
+        failures=[r for r in records if r["status"] != "ok"], theory=theory_rows(records), plots=plots,
+        sources=sorted({(r["metrics"] or {}).get("peak_mem_source") for r in records if r.get("metrics")} - {None}),
+        peak_sources=sorted({(r["metrics"] or {}).get("peak_flops_source") for r in records if r.get("metrics")} - {None}),
+    )
+    out_dir = out_root / suite / run_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "index.html"
+    path.write_text(html)
+    return path

@@ -1,0 +1,177 @@
+"""Runs a suite: one launch per cell, outcome classification, one record per cell.
+
+A failing cell is a result (unsupported | error | oom | timeout), never the
+end of the suite; a resumed run skips the cells its file already holds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from bench import adapters
+from bench.launch import LaunchOutcome, Launcher, LocalTorchrun
+from bench.results import SCHEMA_VERSION, RunFile, environment, new_run_id
+from bench.suite import Cell, Suite
+from bench.techniques import used_by
+from bench.theory import predict, ratios
+
+_OOM = re.compile(r"OutOfMemoryError|out of memory|can't allocate memory|MemoryError|Signal 9 \(SIGKILL\)")
+
+
+@dataclass
+class RunSummary:
+    run_file: RunFile
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    fixed_costs_s: list[float] = field(default_factory=list)
+
+    @property
+    def fixed_cost_median_s(self) -> float | None:
+        return statistics.median(self.fixed_costs_s) if self.fixed_costs_s else None
+
+
+class Runner:
+    def __init__(self, suite: Suite, cells: list[Cell], *, results_root: Path, run_id: str | None = None,
+                 launcher: Launcher | None = None, progress: bool = True) -> None:
+        self.suite, self.cells = suite, cells
+        self.run_file = RunFile(Path(results_root), suite.name, run_id or new_run_id())
+        self.launcher = launcher or LocalTorchrun()
+        self.progress = progress
+        self._env: dict[str, Any] | None = None
+        self._cpu_peaks: dict[int, float] = {}
+
+    def run(self, on_record: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        summary = RunSummary(self.run_file)
+        done = {r["cell_id"] for r in self.run_file.records()}
+        todo = [c for c in self.cells if c.id not in done]
+        summary.skipped = len(self.cells) - len(todo)
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+        with Progress(*columns, disable=not self.progress, transient=False) as bar:
+            task = bar.add_task(self.suite.name, total=len(todo))
+            for cell in todo:
+                bar.update(task, description=f"{self.suite.name}: {cell.knobs.adapter} {cell.id}")
+                record = self.run_cell(cell)
+                self.run_file.append(record)
+                summary.counts[record["status"]] = summary.counts.get(record["status"], 0) + 1
+                if record["timing"].get("fixed_cost_s") is not None:
+                    summary.fixed_costs_s.append(record["timing"]["fixed_cost_s"])
+                if on_record:
+                    on_record(record)
+                bar.advance(task)
+        return summary
+
+    @property
+    def env(self) -> dict[str, Any]:
+        if self._env is None:
+            self._env = environment()
+        return self._env
+
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        knobs = cell.knobs
+        reason = adapters.why_not(knobs) or _device_missing(knobs.device)
+        if reason:
+            return self._record(cell, status="unsupported", reason=reason)
+        cell_dir = self.run_file.path.parent / f".{self.run_file.run_id}" / cell.id
+        shutil.rmtree(cell_dir, ignore_errors=True)
+        cell_dir.mkdir(parents=True)
+        threads = max(1, (os.cpu_count() or 1) // knobs.world_size)
+        payload = {"knobs": knobs.resolved(), "steps": self.suite.steps, "warmup": self.suite.warmup, "seed": self.suite.seed}
+        if knobs.device == "cpu":
+            payload["cpu_peak_flops"] = self._cpu_peak(threads)
+            payload["cpu_peak_source"] = f"measured: fp32 matmul probe, {threads} thread(s) per rank"
+        (cell_dir / "payload.json").write_text(json.dumps(payload))
+        env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "TORCHELASTIC_ERROR_FILE": str(cell_dir / "torchelastic.json")}
+        outcome = self.launcher.launch(payload=cell_dir / "payload.json", world_size=knobs.world_size,
+                                       timeout_s=self.suite.timeout_s, env=env)
+        return self._classify(cell, cell_dir, outcome)
+
+    def _cpu_peak(self, threads: int) -> float:
+        if threads not in self._cpu_peaks:
+            from bench.meters.throughput import cpu_matmul_peak_flops
+
+            self._cpu_peaks[threads] = cpu_matmul_peak_flops(threads)
+        return self._cpu_peaks[threads]
+
+    def _classify(self, cell: Cell, cell_dir: Path, outcome: LaunchOutcome) -> dict[str, Any]:
+        stderr = _tail(outcome.stderr_path)
+        timing = {"wall_s": outcome.wall_s, "returncode": outcome.returncode}
+        result_path = cell_dir / "result.json"
+        if result_path.exists():
+            # Judge success by the record, not the exit code (DeepSpeed can abort after finishing).
+            result = json.loads(result_path.read_text())
+            timed = sum(result["metrics"]["step_time_s"])
+            timing["fixed_cost_s"] = outcome.wall_s - timed
+            reason = None if outcome.returncode == 0 else f"record complete; process exited {outcome.returncode} afterwards"
+            return self._record(cell, status="ok", reason=reason, result=result, timing=timing)
+        errors = [json.loads(p.read_text()) for p in sorted(cell_dir.glob("error.rank*.json"))]
+        if outcome.timed_out:
+            return self._record(cell, status="timeout", reason=f"exceeded timeout_s = {self.suite.timeout_s:g}; process group killed",
+                                timing=timing, stderr_tail=stderr)
+        for wanted in ("oom", "unsupported", "error"):
+            hits = [e for e in errors if e["status"] == wanted]
+            if hits:
+                return self._record(cell, status=wanted, reason=hits[0]["reason"], timing=timing,
+                                    stderr_tail=hits[0]["traceback"] or stderr)
+        status = "oom" if _OOM.search(stderr) else "error"
+        reason = _signal_reason(stderr) or f"exit code {outcome.returncode} with no record"
+        return self._record(cell, status=status, reason=reason, timing=timing, stderr_tail=stderr)
+
+    def _record(self, cell: Cell, *, status: str, reason: str | None, result: dict[str, Any] | None = None,
+                timing: dict[str, Any] | None = None, stderr_tail: str | None = None) -> dict[str, Any]:
+        knobs = cell.knobs
+        theory = predict(knobs)
+        metrics = result["metrics"] if result else None
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "suite": self.suite.name,
+            "run_id": self.run_file.run_id,
+            "cell_id": cell.id,
+            "cell_label": cell.label,
+            "adapter": knobs.adapter,
+            "status": status,
+            "reason": reason,
+            "config": knobs.resolved(),
+            "techniques": used_by(knobs),
+            "run": {"steps": self.suite.steps, "warmup": self.suite.warmup, "seed": self.suite.seed, "timeout_s": self.suite.timeout_s},
+            "env": {**self.env, "device_name": result["device_name"] if result else None},
+            "notes": result["notes"] if result else {},
+            "metrics": metrics,
+            "theory": theory,
+            "theory_ratio": ratios(metrics, theory) if metrics else {},
+            "timing": timing or {},
+            "stderr_tail": stderr_tail,
+        }
+
+
+def _device_missing(device: str) -> str | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    return None if torch.cuda.is_available() else "device = 'cuda' but no CUDA device is visible on this host"
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        data = path.read_bytes()[-limit:]
+    except OSError:
+        return ""
+    return data.decode(errors="replace")
+
+
+def _signal_reason(stderr: str) -> str | None:
+    m = re.search(r"Signal (\d+) \((SIG\w+)\) received by PID (\d+)", stderr)
+    if m:
+        return f"rank process killed by {m.group(2)}"
+    m = re.search(r"exitcode\s*:\s*(-?\d+)", stderr)
+    if m and int(m.group(1)) < 0:
+        return f"rank process died with signal {-int(m.group(1))}"
+    return None

@@ -1,0 +1,206 @@
+"""Suite files: parsed once, at the door, into typed and validated objects.
+
+A suite is ``name``, ``defaults`` (knobs), ``matrix`` (knob -> list; the
+cartesian product, each cell overlaid on ``defaults``), ``include`` (each entry
+adds one cell: defaults overlaid by the entry), ``exclude`` (each entry removes
+every product cell matching all its keys), and run settings. Every cell is
+validated before anything launches; every error names the field and value.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bench.knobs import KNOB_NAMES, Knobs
+
+MAX_CELLS = 1000
+"""Matrices larger than this need ``--force`` (a typo can otherwise queue a night of runs)."""
+
+
+class SuiteError(ValueError):
+    """A suite that cannot run; ``problems`` lists every reason, each naming its field."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source, self.problems = source, problems
+        super().__init__(f"{source}: invalid suite\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class RunSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    steps: int = Field(default=10, ge=1, le=100_000)
+    """Timed steps per cell."""
+    warmup: int = Field(default=2, ge=0, le=10_000)
+    """Untimed steps before timing (the first ones also measure CPU memory)."""
+    timeout_s: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
+    """Wall-clock limit per cell; the whole process group is killed past it."""
+    seed: int = Field(default=0, ge=0)
+    launcher: Literal["local", "slurm"] = "local"
+
+
+class Suite(RunSettings):
+    """The validated suite: run settings plus the cell matrix. The raw knob
+    mappings stay inside; callers use the ``Cell`` list from ``expand``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    description: str = ""
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    matrix: dict[str, list[Any]] = Field(default_factory=dict)
+    include: list[dict[str, Any]] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def run(self) -> RunSettings:
+        return RunSettings(**{k: getattr(self, k) for k in RunSettings.model_fields})
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """One fully resolved configuration with a stable id (hash of the resolved knobs)."""
+
+    index: int
+    label: str
+    knobs: Knobs
+
+    @property
+    def id(self) -> str:
+        return cell_id(self.knobs)
+
+
+def cell_id(knobs: Knobs) -> str:
+    canonical = json.dumps(knobs.resolved(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors/aliases: a suite never needs them, and an alias
+    bomb (billion laughs) must not reach the expander."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in suite files", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_suite(path: str | Path, *, max_cells: int = MAX_CELLS) -> tuple[Suite, list[Cell]]:
+    """Read, validate and expand a suite file. Raises ``SuiteError`` listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SuiteError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from None
+    return parse_suite(text, source=str(path), max_cells=max_cells)
+
+
+def parse_suite(text: str, *, source: str = "<suite>", max_cells: int = MAX_CELLS) -> tuple[Suite, list[Cell]]:
+    try:
+        raw = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise SuiteError(source, [f"malformed YAML: {exc}"]) from None
+    if not isinstance(raw, dict):
+        raise SuiteError(source, [f"the top level must be a mapping of suite fields, got {type(raw).__name__}"])
+    problems = _unknown_keys(raw, tuple(Suite.model_fields), "suite field")
+    if problems:
+        raise SuiteError(source, problems)
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as exc:
+        raise SuiteError(source, _describe(exc, prefix="")) from None
+    cells = expand(suite, source=source, max_cells=max_cells)
+    return suite, cells
+
+
+def expand(suite: Suite, *, source: str = "<suite>", max_cells: int = MAX_CELLS) -> list[Cell]:
+    """defaults × matrix − exclude + include, each validated; duplicates are dropped."""
+    problems: list[str] = []
+    problems += _unknown_keys(suite.defaults, KNOB_NAMES, "knob", where="defaults")
+    problems += _unknown_keys(suite.matrix, KNOB_NAMES, "knob", where="matrix")
+    for i, entry in enumerate(suite.exclude):
+        problems += _unknown_keys(entry, KNOB_NAMES, "knob", where=f"exclude[{i}]")
+    for i, entry in enumerate(suite.include):
+        problems += _unknown_keys(entry, KNOB_NAMES, "knob", where=f"include[{i}]")
+    for knob, values in suite.matrix.items():
+        if not values:
+            problems.append(f"matrix.{knob}: the list of values is empty")
+    if problems:
+        raise SuiteError(source, problems)
+
+    keys = list(suite.matrix)
+    n_product = 1
+    for values in suite.matrix.values():
+        n_product *= len(values)
+    if n_product + len(suite.include) > max_cells:
+        raise SuiteError(
+            source,
+            [f"matrix: {n_product + len(suite.include)} cells exceed the cap of {max_cells} (pass --force to run anyway)"],
+        )
+
+    candidates: list[tuple[str, dict[str, Any]]] = []
+    for n, combo in enumerate(itertools.product(*(suite.matrix[k] for k in keys))):
+        overlay = dict(zip(keys, combo))
+        if any(all(_same(overlay.get(k, suite.defaults.get(k)), v) for k, v in ex.items()) for ex in suite.exclude):
+            continue
+        candidates.append((f"matrix cell {n}", {**suite.defaults, **overlay}))
+    for i, entry in enumerate(suite.include):
+        candidates.append((f"include[{i}]", {**suite.defaults, **entry}))
+
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for label, values in candidates:
+        try:
+            knobs = Knobs.model_validate(values)
+        except ValidationError as exc:
+            problems += _describe(exc, prefix=f"{label}: ")
+            continue
+        cell = Cell(index=len(cells), label=label, knobs=knobs)
+        if cell.id in seen:
+            continue
+        seen.add(cell.id)
+        cells.append(cell)
+    if problems:
+        raise SuiteError(source, problems)
+    if not cells:
+        raise SuiteError(source, ["the suite expands to no cells (matrix, exclude and include leave nothing)"])
+    return cells
+
+
+def _same(a: Any, b: Any) -> bool:
+    # YAML `true` must not match `1`.
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _unknown_keys(mapping: Any, known: tuple[str, ...], what: str, where: str = "") -> list[str]:
+    if not isinstance(mapping, dict):
+        return [f"{where or 'suite'}: expected a mapping, got {type(mapping).__name__}"]
+    problems = []
+    for key in mapping:
+        if not isinstance(key, str) or key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(known)}"
+            prefix = f"{where}: " if where else ""
+            problems.append(f"{prefix}unknown {what} {key!r}{suggestion}")
+    return problems
+
+
+def _describe(exc: ValidationError, prefix: str) -> list[str]:
+    out = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"]) or "value"
+        msg = err["msg"].removeprefix("Value error, ")
+        shown = err.get("input")
+        if err["type"] == "value_error" or field == "value" or isinstance(shown, dict):
+            out.append(f"{prefix}{field}: {msg}" if field != "value" else f"{prefix}{msg}")
+        else:
+            out.append(f"{prefix}{field} = {shown!r}: {msg}")
+    return out

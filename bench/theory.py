@@ -1,0 +1,121 @@
+"""The papers' formulas, as functions (DESIGN.md "Theory"). Pure Python, no torch.
+
+Ψ = parameters, N_d = data-parallel ranks, K = optimizer bytes per parameter.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+THEORY_VERSION = "zero-sc20+korthikanti22+pipedream-v1"
+
+# Optimizer state bytes per parameter kept in fp32 (excluding a master copy).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "lamb": 8, "lars": 4, "onebit_adam": 8, "onebit_lamb": 8}
+PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def model_state_bytes(psi: float, *, zero: int, dp: int, precision: str = "fp16", optimizer: str = "adamw") -> dict[str, float]:
+    """Per-rank bytes of parameters, gradients and optimizer state under ZeRO
+    (Rajbhandari et al. 2020, §5 and Fig. 1). Mixed precision keeps 16-bit
+    params and grads plus an fp32 master copy inside K (Adam: K = 12);
+    fp32 training keeps params 4Ψ, grads 4Ψ, Adam 8Ψ."""
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(f"no state-size formula for optimizer {optimizer!r}")
+    w = PRECISION_BYTES[precision]
+    k = OPTIMIZER_STATE_BYTES[optimizer] + (4 if precision != "fp32" else 0)
+    params, grads, opt = w * psi, w * psi, k * psi
+    if zero >= 1:
+        opt /= dp
+    if zero >= 2:
+        grads /= dp
+    if zero >= 3:
+        params /= dp
+    return {"params": params, "grads": grads, "optimizer": opt}
+
+
+def dp_comm_elements(psi: float, *, zero: int, dp: int) -> float:
+    """Elements each rank moves per step (bus volume): DDP, ZeRO-1 and ZeRO-2
+    2Ψ(N−1)/N (all-reduce or reduce-scatter + all-gather); ZeRO-3 3Ψ(N−1)/N
+    (an extra parameter all-gather in backward)."""
+    if dp == 1:
+        return 0.0
+    return (3 if zero == 3 else 2) * psi * (dp - 1) / dp
+
+
+def bubble_fraction(pp: int, microbatches: int, schedule: str, virtual_stages: int = 1) -> float | None:
+    """Idle fraction of ideal time: (p−1)/m for GPipe and 1F1B; (p−1)/(v·m) interleaved
+    (Narayanan et al. 2021, §2.2)."""
+    if pp == 1:
+        return None
+    if schedule == "interleaved":
+        return (pp - 1) / (virtual_stages * microbatches)
+    if schedule in ("gpipe", "1f1b"):
+        return (pp - 1) / microbatches
+    return None
+
+
+def activation_bytes_per_layer(*, s: int, b: int, h: int, a: int, tp: int = 1, sequence_parallel: bool = False,
+                               recompute: str = "none", bytes_per_value: int = 2) -> float:
+    """Korthikanti et al. 2022, eq. 1–6 (16-bit values; scaled for other widths):
+    s·b·h·(34 + 5·a·s/h); with TP t: s·b·h·(10 + 24/t + 5·a·s/(h·t)); with TP and
+    sequence parallel: s·b·h/t·(34 + 5·a·s/h); selective recompute drops the
+    5·a·s/h term; full recompute keeps the 2·s·b·h layer input."""
+    scale = bytes_per_value / 2
+    if recompute == "full":
+        return 2 * s * b * h * scale
+    attn = 0 if recompute == "selective" else 5 * a * s / h
+    if tp == 1:
+        per = s * b * h * (34 + attn)
+    elif sequence_parallel:
+        per = s * b * h / tp * (34 + attn)
+    else:
+        per = s * b * h * (10 + 24 / tp + attn / tp)
+    return per * scale
+
+
+def predict(knobs: Any) -> dict[str, Any]:
+    """The theory block of one record (None where a formula does not apply yet)."""
+    from impl.model_config import PRESETS, total_params
+
+    cfg = PRESETS[knobs.model]
+    psi = total_params(cfg)
+    pure_dp = knobs.tp == 1 and knobs.pp == 1
+    elem = PRECISION_BYTES[knobs.precision]
+    comm = dp_comm_elements(psi, zero=knobs.zero, dp=knobs.dp) * elem if pure_dp else None
+    try:
+        state = model_state_bytes(psi, zero=knobs.zero, dp=knobs.dp, precision=knobs.precision, optimizer=knobs.optimizer)
+    except ValueError:
+        state = None
+    if state is not None and not pure_dp:
+        state = None  # TP/PP sharding formulas arrive with model parallelism
+    micro_b = knobs.batch_size // (knobs.dp * knobs.microbatches)
+    act = cfg.n_layers * activation_bytes_per_layer(
+        s=knobs.seq_len, b=micro_b, h=cfg.dim, a=cfg.n_heads, tp=knobs.tp,
+        sequence_parallel=knobs.sequence_parallel == "megatron", recompute=knobs.checkpointing,
+        bytes_per_value=elem,
+    )
+    return {
+        "version": THEORY_VERSION,
+        "params": psi,
+        "comm_bytes_per_step": comm,
+        "model_state_bytes": state,
+        "bubble_fraction": bubble_fraction(knobs.pp, knobs.microbatches, knobs.pp_schedule, knobs.virtual_stages),
+        "activation_bytes": act,
+    }
+
+
+def ratios(metrics: dict[str, Any], theory: dict[str, Any]) -> dict[str, float | None]:
+    """measured ÷ predicted for each quantity both sides have."""
+    def ratio(m: float | None, t: float | None) -> float | None:
+        if m is None or t is None:
+            return None
+        if t == 0:
+            return 1.0 if m == 0 else None
+        return m / t
+
+    out: dict[str, float | None] = {"comm_bytes_per_step": ratio(metrics.get("comm_bytes_per_step"), theory.get("comm_bytes_per_step"))}
+    state_m, state_t = metrics.get("model_state_bytes"), theory.get("model_state_bytes")
+    if state_m and state_t:
+        for k in ("params", "grads", "optimizer"):
+            out[f"model_state_{k}"] = ratio(state_m.get(k), state_t.get(k))
+        out["model_state_total"] = ratio(sum(state_m.values()), sum(state_t.values()))
+    return out

@@ -1,0 +1,241 @@
+"""Runs inside every rank of one cell (``torchrun ... -m bench.worker PAYLOAD``).
+
+Order: seed → (CPU: start the memory tracker) → build the model → adapter
+builds the train step → warm-up steps (the last one metered for
+communication, untimed) → timed steps, device-synchronised on every rank →
+gather the per-rank figures → rank 0 writes ``result.json``.
+
+A rank that fails writes ``error.rank<R>.json`` with its classification, so
+the runner can tell an out-of-memory from a crash.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+FAULT_SLOWDOWN = 0.20
+
+
+def _die_with_parent() -> None:
+    """If torchrun dies (SIGKILL), take this rank down too: no orphans."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def classify(exc: BaseException) -> str:
+    from bench.adapters import Unsupported
+
+    if isinstance(exc, Unsupported):
+        return "unsupported"
+    if isinstance(exc, MemoryError):
+        return "oom"
+    text = f"{type(exc).__name__}: {exc}"
+    if "OutOfMemoryError" in text or "out of memory" in text or "can't allocate memory" in text:
+        return "oom"
+    return "error"
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    payload_path = Path(argv[0])
+    payload = json.loads(payload_path.read_text())
+    cell_dir = payload_path.parent
+    rank = int(os.environ.get("RANK", "0"))
+    (cell_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
+    try:
+        record = run(payload, rank)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a result
+        status = classify(exc)
+        tail = "".join(traceback.format_exception(exc))[-4000:]
+        _write_json(cell_dir / f"error.rank{rank}.json", {"status": status, "reason": f"{type(exc).__name__}: {exc}", "traceback": tail})
+        print(tail, file=sys.stderr, flush=True)
+        return 1
+    if rank == 0:
+        _write_json(cell_dir / "result.json", record)
+    return 0
+
+
+def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    from bench import adapters
+    from bench.knobs import Knobs
+    from bench.meters.comm import CommMeter
+    from bench.meters.memory import CpuPeakTracker, cuda_peaks, model_state_bytes, peak_rss_bytes
+    from bench.workload import global_batch, local_batch
+    from impl.model import build_model, model_config
+
+    knobs = Knobs.model_validate(payload["knobs"])
+    steps, warmup, seed = payload["steps"], payload["warmup"], payload["seed"]
+    dims = knobs.dims
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != knobs.world_size:
+        raise RuntimeError(f"launched with WORLD_SIZE={world} but the cell has world_size={knobs.world_size}")
+
+    if knobs.device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    try:
+        torch.manual_seed(seed + rank)
+
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        cfg = model_config(knobs.model)
+        tracker = CpuPeakTracker() if device.type == "cpu" else nullcontext()
+        with tracker:
+            model = build_model(cfg, seed, device)
+            _inject_early_fault(knobs.fault, rank, world)
+            train_step = adapters.get(knobs.adapter).build(knobs, model, dims, device)
+            dp_rank = dims.coords(rank)[0]
+
+            def batch_for(step: int):
+                b = global_batch(cfg, batch_size=knobs.batch_size, seq_len=knobs.seq_len, seed=seed, step=step)
+                b = local_batch(b, dp_rank=dp_rank, dp=dims.dp)
+                return type(b)(b.inputs.to(device), b.targets.to(device))
+
+            losses: list[torch.Tensor | None] = []
+            meter = CommMeter()
+            for s in range(warmup):
+                # The last warm-up step is the communication-metered one.
+                with meter if s == warmup - 1 else nullcontext():
+                    losses.append(train_step(batch_for(s)))
+        sync()
+
+        samples: list[float] = []
+        for s in range(warmup, warmup + steps):
+            batch = batch_for(s)
+            if knobs.fault == "hang" and rank == world - 1:
+                time.sleep(10**6)  # the other ranks now wait in the barrier
+            dist.barrier()
+            sync()
+            start = time.perf_counter()
+            losses.append(train_step(batch))
+            sync()
+            elapsed = time.perf_counter() - start
+            if knobs.fault == "slow":
+                time.sleep(FAULT_SLOWDOWN * elapsed)
+                elapsed = time.perf_counter() - start
+            samples.append(elapsed)
+
+        state = model_state_bytes(train_step.modules, train_step.optimizers)
+        mem = cuda_peaks(device) if device.type == "cuda" else {"peak_allocated_bytes": tracker.peak_bytes}
+        mine = {
+            "samples": samples,
+            "losses": [None if l is None else float(l) for l in losses],
+            "comm": meter.summary(),
+            "comm_bus_bytes": meter.bus_bytes,
+            "memory": mem,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "model_state_bytes": state,
+        }
+        everyone: list[dict[str, Any]] = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(everyone, mine)
+        return _combine(everyone, knobs, payload, train_step.notes, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _inject_early_fault(fault: str, rank: int, world: int) -> None:
+    import torch
+
+    if fault == "raise" and rank == 0:
+        raise RuntimeError("injected fault: raise")
+    if fault == "oom" and rank == 0:
+        # A real allocation the allocator refuses (1 PiB), not a simulated error.
+        torch.empty(2**50, dtype=torch.uint8)
+    if fault == "segfault" and rank == world - 1:
+        ctypes.string_at(0)
+
+
+def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict[str, Any]:
+    """Per-rank figures to one record's metrics: step time is the slowest
+    rank's; memory is the max over ranks; losses average the ranks that hold one."""
+    from bench.meters.throughput import FLOPS_FORMULA_VERSION, flops_per_token, gpu_peak_flops, step_stats
+    from impl.model import model_config
+
+    n_steps = len(ranks[0]["samples"])
+    samples = [max(r["samples"][i] for r in ranks) for i in range(n_steps)]
+    losses = []
+    for i in range(len(ranks[0]["losses"])):
+        vals = [r["losses"][i] for r in ranks if r["losses"][i] is not None]
+        losses.append(sum(vals) / len(vals) if vals else None)
+    stats = step_stats(samples)
+    tokens_per_s = knobs.batch_size * knobs.seq_len / stats["median_s"]
+    cfg = model_config(knobs.model)
+    fpt = flops_per_token(cfg, knobs.seq_len)
+    flops_per_device = fpt * tokens_per_s / knobs.world_size
+    if device.type == "cuda":
+        import torch
+
+        device_name = torch.cuda.get_device_name(device)
+        peak, peak_source = gpu_peak_flops(device_name), "table"
+    else:
+        device_name = "cpu"
+        peak, peak_source = payload.get("cpu_peak_flops"), payload.get("cpu_peak_source")
+    bus = [r["comm_bus_bytes"] for r in ranks]
+    return {
+        "device_name": device_name,
+        "notes": notes,
+        "metrics": {
+            "step_time_s": samples,
+            "step_time_median_s": stats["median_s"],
+            "step_time_stats": stats,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / knobs.world_size,
+            "flops_per_token": fpt,
+            "flops_formula": FLOPS_FORMULA_VERSION,
+            "tflops_per_device": flops_per_device / 1e12,
+            "peak_flops_per_device": peak,
+            "peak_flops_source": peak_source if peak else None,
+            "mfu": flops_per_device / peak if peak else None,
+            "peak_mem_bytes": _max(r["memory"].get("peak_allocated_bytes") for r in ranks),
+            "peak_reserved_bytes": _max(r["memory"].get("peak_reserved_bytes") for r in ranks),
+            "device_total_bytes": ranks[0]["memory"].get("device_total_bytes"),
+            "peak_mem_source": "cuda memory_stats allocated (max over ranks)"
+            if device.type == "cuda"
+            else "cpu: profiler live-tensor bytes over build + warm-up (max over ranks)",
+            "peak_rss_bytes": _max(r["peak_rss_bytes"] for r in ranks),
+            "model_state_bytes": {k: max(r["model_state_bytes"][k] for r in ranks) for k in ("params", "grads", "optimizer")},
+            "comm": ranks[0]["comm"],
+            "comm_bytes_per_step": max(bus),
+            "comm_bytes_per_step_by_rank": bus,
+            "comm_definition": "bus bytes (nccl-tests factors), logical, one metered warm-up step; time = completion of each collective run synchronously",
+            "losses": losses,
+            "losses_timed_from": payload["warmup"],
+        },
+    }
+
+
+def _max(values) -> Any:
+    vals = [v for v in values if v is not None]
+    return max(vals) if vals else None
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

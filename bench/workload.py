@@ -1,0 +1,59 @@
+"""The one workload every cell trains: model, synthetic data, loss, optimizer settings.
+
+Batches are deterministic functions of (seed, step): every adapter, every
+world size and the single-process reference see the same global batch, and a
+data-parallel rank takes its contiguous slice of rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from impl.model_config import ModelConfig
+
+LR = 1e-3
+BETAS = (0.9, 0.95)
+EPS = 1e-8
+WEIGHT_DECAY = 0.1
+SGD_MOMENTUM = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    inputs: torch.Tensor  # (b, T) token ids
+    targets: torch.Tensor  # (b, T) next-token ids
+
+    def split(self, n: int) -> list["Batch"]:
+        """n micro-batches along the batch dimension."""
+        return [Batch(i, t) for i, t in zip(self.inputs.chunk(n), self.targets.chunk(n))]
+
+
+def global_batch(cfg: ModelConfig, *, batch_size: int, seq_len: int, seed: int, step: int) -> Batch:
+    """A learnable synthetic language: each row is an arithmetic progression
+    mod V with a random start and one of 8 strides, so the loss falls as the
+    model learns the strides (random tokens would give a flat log V)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    start = torch.randint(0, cfg.vocab_size, (batch_size, 1), generator=g)
+    stride = torch.randint(1, 9, (batch_size, 1), generator=g)
+    tokens = (start + stride * torch.arange(seq_len + 1)) % cfg.vocab_size
+    return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+
+
+def local_batch(batch: Batch, *, dp_rank: int, dp: int) -> Batch:
+    rows = batch.inputs.shape[0] // dp
+    sl = slice(dp_rank * rows, (dp_rank + 1) * rows)
+    return Batch(batch.inputs[sl], batch.targets[sl])
+
+
+def torch_optimizer(name: str, params, *, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizers torch itself offers, with the workload's hyper-parameters."""
+    params = list(params)
+    if name == "adamw":
+        kwargs = {"fused": True} if fused else {}
+        return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **kwargs)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=LR, momentum=SGD_MOMENTUM)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    raise ValueError(f"optimizer {name!r} is not a torch optimizer")
