@@ -70,19 +70,21 @@ def cmd_validate(args) -> int:
     suite, cells = loaded
     from bench import adapters
 
-    table = Table(title=f"{suite.name}: {len(cells)} cells (steps={suite.steps}, warmup={suite.warmup}, timeout_s={suite.timeout_s:g})")
-    for col in ("#", "id", "source", "adapter", "ws", "dp", "tp", "pp", "zero", "precision", "knobs that differ from defaults", "pre-launch verdict"):
-        table.add_column(col)
     from bench.knobs import Knobs
 
+    console.print(f"{suite.name}: {len(cells)} cells (steps={suite.steps}, warmup={suite.warmup}, "
+                  f"timeout_s={suite.timeout_s:g})", highlight=False)
     base = Knobs(world_size=1).resolved()
+    shown = ("adapter", "world_size", "dp", "tp", "pp")
     for c in cells:
-        k = c.knobs
-        diff = {n: v for n, v in k.resolved().items() if v != base[n] and n not in ("adapter", "world_size", "dp", "tp", "pp", "zero", "precision")}
-        verdict = adapters.why_not(k)
-        table.add_row(str(c.index), c.id, c.label, k.adapter, str(k.world_size), str(k.dp), str(k.tp), str(k.pp), str(k.zero),
-                      k.precision, ", ".join(f"{n}={v}" for n, v in diff.items()), "runs" if not verdict else f"unsupported: {verdict}")
-    console.print(table)
+        k = c.knobs.resolved()
+        diff = " ".join(f"{n}={v}" for n, v in k.items() if n not in shown and v != base[n])
+        verdict = adapters.why_not(c.knobs)
+        console.print(
+            f"{c.index:>4} {c.id} {c.label:<15} {k['adapter']:<10} ws={k['world_size']} dp={k['dp']} tp={k['tp']} "
+            f"pp={k['pp']} {diff}\n       -> {'runs' if not verdict else 'unsupported: ' + verdict}",
+            highlight=False, soft_wrap=True,
+        )
     return 0
 
 

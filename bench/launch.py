@@ -25,6 +25,7 @@ class LaunchOutcome:
     returncode: int | None
     timed_out: bool
     wall_s: float
+    start_unix: float
     stdout_path: Path
     stderr_path: Path
 
@@ -77,7 +78,7 @@ class LocalTorchrun:
 
     def launch(self, *, payload: Path, world_size: int, timeout_s: float, env: dict[str, str]) -> LaunchOutcome:
         out, err = payload.parent / "stdout.log", payload.parent / "stderr.log"
-        start = time.perf_counter()
+        start, start_unix = time.perf_counter(), time.time()
         with open(out, "wb") as fo, open(err, "wb") as fe:
             proc = subprocess.Popen(
                 self.command(payload, world_size),
@@ -94,4 +95,4 @@ class LocalTorchrun:
             except BaseException:
                 kill_tree(proc)  # Ctrl-C: leave nothing behind
                 raise
-        return LaunchOutcome(proc.returncode, timed_out, time.perf_counter() - start, out, err)
+        return LaunchOutcome(proc.returncode, timed_out, time.perf_counter() - start, start_unix, out, err)

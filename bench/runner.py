@@ -109,6 +109,8 @@ class Runner:
             result = json.loads(result_path.read_text())
             timed = sum(result["metrics"]["step_time_s"])
             timing["fixed_cost_s"] = outcome.wall_s - timed
+            timing["phases_rank0"] = result.get("phases_rank0")
+            timing["launch_start_unix"] = outcome.start_unix
             reason = None if outcome.returncode == 0 else f"record complete; process exited {outcome.returncode} afterwards"
             return self._record(cell, status="ok", reason=reason, result=result, timing=timing)
         errors = [json.loads(p.read_text()) for p in sorted(cell_dir.glob("error.rank*.json"))]

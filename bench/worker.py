@@ -73,6 +73,9 @@ def main(argv: list[str]) -> int:
 
 
 def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
+    import psutil
+
+    phases = {"process_start": psutil.Process().create_time()}
     import torch
     import torch.distributed as dist
 
@@ -83,6 +86,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
     from bench.workload import global_batch, local_batch
     from impl.model import build_model, model_config
 
+    phases["imported"] = time.time()
     knobs = Knobs.model_validate(payload["knobs"])
     steps, warmup, seed = payload["steps"], payload["warmup"], payload["seed"]
     dims = knobs.dims
@@ -99,6 +103,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
         device = torch.device("cpu")
         backend = "gloo"
     dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    phases["process_group"] = time.time()
     try:
         torch.manual_seed(seed + rank)
 
@@ -125,7 +130,9 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
                 # The last warm-up step is the communication-metered one.
                 with meter if s == warmup - 1 else nullcontext():
                     losses.append(train_step(batch_for(s)))
+            phases["built_and_warm"] = time.time()
         sync()
+        phases["memory_tracker_read"] = time.time()
 
         samples: list[float] = []
         for s in range(warmup, warmup + steps):
@@ -143,6 +150,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
                 elapsed = time.perf_counter() - start
             samples.append(elapsed)
 
+        phases["timed_done"] = time.time()
         state = model_state_bytes(train_step.modules, train_step.optimizers)
         mem = cuda_peaks(device) if device.type == "cuda" else {"peak_allocated_bytes": tracker.peak_bytes}
         mine = {
@@ -153,6 +161,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
             "memory": mem,
             "peak_rss_bytes": peak_rss_bytes(),
             "model_state_bytes": state,
+            "phases": phases,
         }
         everyone: list[dict[str, Any]] = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(everyone, mine)
@@ -202,6 +211,7 @@ def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict
     return {
         "device_name": device_name,
         "notes": notes,
+        "phases_rank0": ranks[0]["phases"],
         "metrics": {
             "step_time_s": samples,
             "step_time_median_s": stats["median_s"],
@@ -238,4 +248,9 @@ def _max(values) -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter finalisation (torch's teardown costs ~0.5 s per rank);
+    # everything the record needs is on disk and the process group is destroyed.
+    os._exit(code)

@@ -1,0 +1,24 @@
+"""Single-process, unsharded references the distributed cells are checked against."""
+from __future__ import annotations
+
+import torch
+
+from bench.workload import global_batch, torch_optimizer
+from impl.model import build_model, lm_loss, model_config
+
+
+def reference_losses(*, model: str = "tiny", batch_size: int, seq_len: int, seed: int, steps: int,
+                     optimizer: str = "adamw") -> list[float]:
+    """Plain training loop on the whole global batch, in fp32."""
+    cfg = model_config(model)
+    net = build_model(cfg, seed)
+    opt = torch_optimizer(optimizer, net.parameters())
+    losses = []
+    for step in range(steps):
+        b = global_batch(cfg, batch_size=batch_size, seq_len=seq_len, seed=seed, step=step)
+        loss = lm_loss(net(b.inputs), b.targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
