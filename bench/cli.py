@@ -10,8 +10,8 @@ from rich.table import Table
 
 from bench.suite import MAX_CELLS, SuiteError, load_suite
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(markup=False, highlight=False)
+err_console = Console(stderr=True, markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +59,7 @@ def _load(path: str, force: bool):
     try:
         return load_suite(path, max_cells=10**9 if force else MAX_CELLS)
     except SuiteError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        err_console.print(f"error: {exc}")
         return None
 
 

@@ -21,7 +21,7 @@ from bench.suite import Cell, Suite
 from bench.techniques import used_by
 from bench.theory import predict, ratios
 
-_OOM = re.compile(r"OutOfMemoryError|out of memory|can't allocate memory|MemoryError|Signal 9 \(SIGKILL\)")
+_OOM = re.compile(r"OutOfMemoryError|out of memory|can't allocate memory|MemoryError")
 
 
 @dataclass
@@ -117,14 +117,23 @@ class Runner:
         if outcome.timed_out:
             return self._record(cell, status="timeout", reason=f"exceeded timeout_s = {self.suite.timeout_s:g}; process group killed",
                                 timing=timing, stderr_tail=stderr)
-        for wanted in ("oom", "unsupported", "error"):
+        for wanted in ("oom", "unsupported"):
             hits = [e for e in errors if e["status"] == wanted]
             if hits:
                 return self._record(cell, status=wanted, reason=hits[0]["reason"], timing=timing,
                                     stderr_tail=hits[0]["traceback"] or stderr)
+        died = _signal_reason(stderr)
+        if died:  # a rank killed by a signal is the root cause; peers' errors are symptoms
+            status = "oom" if "SIGKILL" in died else "error"
+            return self._record(cell, status=status, reason=died, timing=timing, stderr_tail=stderr)
+        # Ranks that only lost their peer are symptoms of another rank's failure.
+        errors.sort(key=lambda e: "Connection closed by peer" in e["reason"])
+        if errors:
+            return self._record(cell, status="error", reason=errors[0]["reason"], timing=timing,
+                                stderr_tail=errors[0]["traceback"] or stderr)
         status = "oom" if _OOM.search(stderr) else "error"
-        reason = _signal_reason(stderr) or f"exit code {outcome.returncode} with no record"
-        return self._record(cell, status=status, reason=reason, timing=timing, stderr_tail=stderr)
+        return self._record(cell, status=status, reason=f"exit code {outcome.returncode} with no record",
+                            timing=timing, stderr_tail=stderr)
 
     def _record(self, cell: Cell, *, status: str, reason: str | None, result: dict[str, Any] | None = None,
                 timing: dict[str, Any] | None = None, stderr_tail: str | None = None) -> dict[str, Any]:
@@ -170,10 +179,16 @@ def _tail(path: Path, limit: int = 4000) -> str:
 
 
 def _signal_reason(stderr: str) -> str | None:
-    m = re.search(r"Signal (\d+) \((SIG\w+)\) received by PID (\d+)", stderr)
-    if m:
-        return f"rank process killed by {m.group(2)}"
-    m = re.search(r"exitcode\s*:\s*(-?\d+)", stderr)
-    if m and int(m.group(1)) < 0:
-        return f"rank process died with signal {-int(m.group(1))}"
-    return None
+    """A rank killed by a signal, from torchrun's failure summary (which may
+    list a peer's symptom as the 'root cause', so every entry is read).
+    SIGTERM is what torchrun sends the survivors, so it is never the cause."""
+    killed = [
+        (rank, sig)
+        for rank, sig in re.findall(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*-\d+[^\n]*\((SIG\w+)\)", stderr)
+        if sig != "SIGTERM"
+    ]
+    if not killed:
+        return None
+    rank, sig = killed[0]
+    why = " (likely the kernel's OOM killer)" if sig == "SIGKILL" else ""
+    return f"rank {rank} killed by {sig}{why}"

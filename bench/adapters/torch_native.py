@@ -27,8 +27,12 @@ class TorchAdapter(Adapter):
     def build(self, knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
         forward, no_sync = model, nullcontext
         if dims.dp > 1:
-            # DDP's defaults (25 MB buckets); device_ids only for CUDA.
-            ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+            # DDP's defaults (25 MB buckets) except broadcast_buffers: the model's
+            # only buffers are the RoPE tables, identical on every rank, and
+            # re-broadcasting them each forward would add traffic no user wants.
+            ddp = DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+            )
             forward, no_sync = ddp, ddp.no_sync
         optimizer = torch_optimizer(knobs.optimizer, model.parameters())
         step = accumulating_step(forward, optimizer, microbatches=knobs.microbatches, no_sync=no_sync)
@@ -36,5 +40,5 @@ class TorchAdapter(Adapter):
             step,
             modules=[model],
             optimizers=[optimizer],
-            notes={"model_type": "impl.model.Decoder", "wrapper": "DistributedDataParallel" if dims.dp > 1 else None},
+            notes={"model_type": "impl.model.Decoder", "wrapper": "DistributedDataParallel(broadcast_buffers=False)" if dims.dp > 1 else None},
         )
