@@ -38,8 +38,9 @@ class RunSettings(BaseModel):
 
     steps: int = Field(default=10, ge=1, le=100_000)
     """Timed steps per cell."""
-    warmup: int = Field(default=2, ge=0, le=10_000)
-    """Untimed steps before timing (the first ones also measure CPU memory)."""
+    warmup: int = Field(default=2, ge=1, le=10_000)
+    """Untimed steps before timing: build + warm-up measure CPU memory, the last
+    warm-up step is the communication-metered one, so at least one is needed."""
     timeout_s: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
     """Wall-clock limit per cell; the whole process group is killed past it."""
     seed: int = Field(default=0, ge=0)

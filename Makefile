@@ -1,0 +1,24 @@
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.trainbench-installed
+SUITE ?= suites/smoke.yaml
+
+.PHONY: setup bench test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/base.txt requirements/frameworks.txt scripts/setup_env.sh
+	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/setup_env.sh
+	touch $@
+
+# Runs the default suite end to end and writes the HTML report.
+bench: setup
+	$(BIN)/bench run $(SUITE)
+	$(BIN)/bench report results/$$($(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(SUITE)'))['name'])")
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache
