@@ -32,13 +32,20 @@ def model_state_bytes(psi: float, *, zero: int, dp: int, precision: str = "fp16"
     return {"params": params, "grads": grads, "optimizer": opt}
 
 
-def dp_comm_elements(psi: float, *, zero: int, dp: int) -> float:
+def dp_comm_elements(psi: float, *, zero: int, dp: int, microbatches: int = 1) -> float:
     """Elements each rank moves per step (bus volume): DDP, ZeRO-1 and ZeRO-2
     2Ψ(N−1)/N (all-reduce or reduce-scatter + all-gather); ZeRO-3 3Ψ(N−1)/N
-    (an extra parameter all-gather in backward)."""
+    (an extra parameter all-gather in backward).
+
+    With m micro-batches of gradient accumulation, DDP and ZeRO-1 still
+    reduce once; ZeRO-2 and ZeRO-3 keep no full gradients, so they
+    reduce-scatter every micro-batch (and ZeRO-3 gathers parameters for each
+    micro-batch's forward and backward): (m+1)Ψ(N−1)/N and 3mΨ(N−1)/N."""
     if dp == 1:
         return 0.0
-    return (3 if zero == 3 else 2) * psi * (dp - 1) / dp
+    m = microbatches
+    factor = {0: 2, 1: 2, 2: m + 1, 3: 3 * m}[zero]
+    return factor * psi * (dp - 1) / dp
 
 
 def bubble_fraction(pp: int, microbatches: int, schedule: str, virtual_stages: int = 1) -> float | None:
@@ -80,7 +87,7 @@ def predict(knobs: Any) -> dict[str, Any]:
     psi = total_params(cfg)
     pure_dp = knobs.tp == 1 and knobs.pp == 1
     elem = PRECISION_BYTES[knobs.precision]
-    comm = dp_comm_elements(psi, zero=knobs.zero, dp=knobs.dp) * elem if pure_dp else None
+    comm = dp_comm_elements(psi, zero=knobs.zero, dp=knobs.dp, microbatches=knobs.microbatches) * elem if pure_dp else None
     try:
         state = model_state_bytes(psi, zero=knobs.zero, dp=knobs.dp, precision=knobs.precision, optimizer=knobs.optimizer)
     except ValueError:

@@ -151,7 +151,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
             samples.append(elapsed)
 
         phases["timed_done"] = time.time()
-        state = model_state_bytes(train_step.modules, train_step.optimizers)
+        state = model_state_bytes(train_step.state_tensors())
         mem = cuda_peaks(device) if device.type == "cuda" else {"peak_allocated_bytes": tracker.peak_bytes}
         mine = {
             "samples": samples,

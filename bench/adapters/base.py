@@ -67,6 +67,8 @@ class TrainStep:
     ``fn(batch)`` runs forward, backward and the optimizer step on this rank's
     local batch and returns the local mean loss (a detached scalar tensor).
     ``modules`` and ``optimizers`` let the harness count model-state bytes;
+    an adapter whose state lives elsewhere (flat shards, offloaded copies)
+    passes ``state``, returning the tensors per category instead.
     ``notes`` carries adapter facts the record must show (e.g. model type)."""
 
     def __init__(
@@ -76,9 +78,19 @@ class TrainStep:
         modules: list[Any],
         optimizers: list[Any],
         notes: dict[str, Any] | None = None,
+        state: Callable[[], dict[str, list[Any]]] | None = None,
     ) -> None:
         self.fn, self.modules, self.optimizers = fn, modules, optimizers
         self.notes = dict(notes or {})
+        self._state = state
+
+    def state_tensors(self) -> dict[str, list[Any]]:
+        """Tensors of parameters, gradients and optimizer state on this rank."""
+        if self._state is not None:
+            return self._state()
+        from bench.meters.memory import default_state_tensors
+
+        return default_state_tensors(self.modules, self.optimizers)
 
     def __call__(self, batch: "Batch") -> "torch.Tensor":
         return self.fn(batch)

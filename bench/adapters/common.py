@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -10,9 +10,16 @@ from bench.workload import Batch
 from impl.model import lm_loss
 
 
+class Steppable(Protocol):
+    """A torch optimizer, or a wrapper that owns the update (ZeRO)."""
+
+    def zero_grad(self) -> None: ...
+    def step(self) -> None: ...
+
+
 def accumulating_step(
     forward: Callable[[torch.Tensor], torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: Steppable,
     *,
     microbatches: int,
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
@@ -21,7 +28,7 @@ def accumulating_step(
     on the last), then one optimizer step. Returns the mean loss."""
 
     def step(batch: Batch) -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         parts = batch.split(microbatches)
         total = torch.zeros(())
         for i, mb in enumerate(parts):

@@ -61,11 +61,27 @@ def cuda_peaks(device: torch.device) -> dict[str, int]:
     }
 
 
-def model_state_bytes(modules: list[Any], optimizers: list[Any]) -> dict[str, int]:
+def default_state_tensors(modules: list[Any], optimizers: list[Any]) -> dict[str, list[torch.Tensor]]:
+    """Parameters and gradients of the modules, and every tensor in the optimizers' state."""
+    params = [p for m in modules for p in m.parameters()]
+    grads = [p.grad for p in params if p.grad is not None]
+    state = [
+        v
+        for opt in optimizers
+        for per_param in getattr(opt, "state", {}).values()
+        if isinstance(per_param, dict)
+        for v in per_param.values()
+        if isinstance(v, torch.Tensor)
+    ]
+    return {"params": params, "grads": grads, "optimizer": state}
+
+
+def model_state_bytes(tensors: dict[str, list[torch.Tensor]]) -> dict[str, int]:
     """Bytes of parameters, gradients and optimizer state held by this rank.
 
     Storages are de-duplicated, so flat buffers with parameter views (ZeRO,
-    FSDP) are counted once, under the first category that reaches them."""
+    FSDP) are counted once, under the first category that reaches them, and a
+    storage freed to size 0 (a ZeRO-3 unit between uses) counts nothing."""
     seen: set[int] = set()
 
     def add(t: Any) -> int:
@@ -79,18 +95,4 @@ def model_state_bytes(modules: list[Any], optimizers: list[Any]) -> dict[str, in
         seen.add(key)
         return storage.nbytes()
 
-    params = grads = state = 0
-    for m in modules:
-        for p in m.parameters():
-            params += add(p)
-    for m in modules:
-        for p in m.parameters():
-            grads += add(p.grad)
-    for opt in optimizers:
-        for per_param in getattr(opt, "state", {}).values():
-            if isinstance(per_param, dict):
-                for v in per_param.values():
-                    state += add(v)
-        for extra in getattr(opt, "extra_state_tensors", lambda: [])():
-            state += add(extra)
-    return {"params": params, "grads": grads, "optimizer": state}
+    return {kind: sum(add(t) for t in tensors.get(kind, [])) for kind in ("params", "grads", "optimizer")}
