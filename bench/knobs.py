@@ -46,7 +46,7 @@ class Knobs(BaseModel):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     optimizer: Optimizer = "adamw"
     fusion: Literal["none", "fused", "compile"] = "none"
-    allreduce: Literal["backend", "ring", "tree", "ps"] = "backend"
+    allreduce: Literal["backend", "ring", "tree", "ps", "ps_sharded"] = "backend"
     attention: Attention = "dense"
     batch_size: int = Field(default=8, strict=True, ge=1)
     seq_len: int = Field(default=64, strict=True, ge=1)

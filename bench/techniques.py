@@ -51,7 +51,7 @@ TECHNIQUES: tuple[Technique, ...] = (
     ),
     Technique("fusion_fused", "other", _knob("fusion", "fused")),
     Technique("fusion_compile", "other", _knob("fusion", "compile")),
-    *(Technique(f"allreduce_{a}", "other", _knob("allreduce", a)) for a in ("ring", "tree", "ps")),
+    *(Technique(f"allreduce_{a}", "other", _knob("allreduce", a)) for a in ("ring", "tree", "ps", "ps_sharded")),
     *(
         Technique(f"attention_{a}", "attention", _knob("attention", a))
         for a in ("sliding_window", "dilated", "global", "random", "block_local", "longformer", "bigbird")

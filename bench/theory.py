@@ -13,15 +13,18 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "lamb": 8, "lars": 4, "onebit_ada
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-def model_state_bytes(psi: float, *, zero: int, dp: int, precision: str = "fp16", optimizer: str = "adamw") -> dict[str, float]:
+def model_state_bytes(psi: float, *, zero: int, dp: int, precision: str = "fp16", optimizer: str = "adamw",
+                      offload: bool = False) -> dict[str, float]:
     """Per-rank bytes of parameters, gradients and optimizer state under ZeRO
     (Rajbhandari et al. 2020, §5 and Fig. 1). Mixed precision keeps 16-bit
     params and grads plus an fp32 master copy inside K (Adam: K = 12);
-    fp32 training keeps params 4Ψ, grads 4Ψ, Adam 8Ψ."""
+    fp32 training keeps params 4Ψ, grads 4Ψ, Adam 8Ψ. With optimizer offload an
+    fp32 run also keeps a host master copy of its shard (+4Ψ/N), since a CPU
+    optimizer cannot update device parameters in place."""
     if optimizer not in OPTIMIZER_STATE_BYTES:
         raise ValueError(f"no state-size formula for optimizer {optimizer!r}")
     w = PRECISION_BYTES[precision]
-    k = OPTIMIZER_STATE_BYTES[optimizer] + (4 if precision != "fp32" else 0)
+    k = OPTIMIZER_STATE_BYTES[optimizer] + (4 if precision != "fp32" or offload else 0)
     params, grads, opt = w * psi, w * psi, k * psi
     if zero >= 1:
         opt /= dp
@@ -46,6 +49,22 @@ def dp_comm_elements(psi: float, *, zero: int, dp: int, microbatches: int = 1) -
     m = microbatches
     factor = {0: 2, 1: 2, 2: m + 1, 3: 3 * m}[zero]
     return factor * psi * (dp - 1) / dp
+
+
+def allreduce_bytes_sent(size_bytes: float, n: int, algorithm: str) -> float:
+    """Bytes the busiest rank sends for one all-reduce of ``size_bytes`` (impl/allreduce.py):
+    ring and sharded PS 2S(N−1)/N; binary tree (1 up + children down)·S at the
+    busiest node; single parameter server (N−1)·S at the server."""
+    if n == 1:
+        return 0.0
+    if algorithm in ("backend", "ring", "ps_sharded"):
+        return 2 * size_bytes * (n - 1) / n
+    if algorithm == "tree":
+        busiest = max((r > 0) + sum(c < n for c in (2 * r + 1, 2 * r + 2)) for r in range(n))
+        return busiest * size_bytes
+    if algorithm == "ps":
+        return (n - 1) * size_bytes
+    raise ValueError(f"unknown all-reduce algorithm {algorithm!r}")
 
 
 def bubble_fraction(pp: int, microbatches: int, schedule: str, virtual_stages: int = 1) -> float | None:
@@ -87,9 +106,14 @@ def predict(knobs: Any) -> dict[str, Any]:
     psi = total_params(cfg)
     pure_dp = knobs.tp == 1 and knobs.pp == 1
     elem = PRECISION_BYTES[knobs.precision]
-    comm = dp_comm_elements(psi, zero=knobs.zero, dp=knobs.dp, microbatches=knobs.microbatches) * elem if pure_dp else None
+    comm = None
+    if pure_dp and knobs.zero == 0 and knobs.allreduce != "backend":
+        comm = allreduce_bytes_sent(psi * elem, knobs.dp, knobs.allreduce)
+    elif pure_dp:
+        comm = dp_comm_elements(psi, zero=knobs.zero, dp=knobs.dp, microbatches=knobs.microbatches) * elem
     try:
-        state = model_state_bytes(psi, zero=knobs.zero, dp=knobs.dp, precision=knobs.precision, optimizer=knobs.optimizer)
+        state = model_state_bytes(psi, zero=knobs.zero, dp=knobs.dp, precision=knobs.precision,
+                                  optimizer=knobs.optimizer, offload=knobs.offload != "none")
     except ValueError:
         state = None
     if state is not None and not pure_dp:

@@ -19,6 +19,14 @@ padded to a multiple of N and split evenly: rank r owns elements
 Reduce-scatters are launched asynchronously from post-accumulate-grad hooks,
 so they overlap the backward of earlier units. With a 16-bit ``param_dtype``
 the optimizer updates an fp32 master copy of the shard (mixed precision).
+
+ZeRO-Offload (Ren et al. 2021), ``offload_optimizer=True``: the fp32 master
+shard and the optimizer state live in host memory and the update runs on the
+CPU. Each unit's gradient shard is copied to the host when its
+reduce-scatter completes, and the updated shard is copied back with a
+non-blocking copy from pinned memory that the next step's all-gather waits
+for. On a CPU-only machine the copies are host-to-host, so correctness is
+tested here and the benefit is measured on GPUs.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from torch import nn
 
 class _Unit:
     def __init__(self, modules: list[nn.Module], *, rank: int, world: int, param_dtype: torch.dtype,
-                 stage: int, group) -> None:
+                 stage: int, group, offload: bool) -> None:
         self.modules = modules
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
         self.numel = sum(p.numel() for p in self.params)
@@ -50,7 +58,14 @@ class _Unit:
         own = slice(rank * self.shard_numel, (rank + 1) * self.shard_numel)
         # Stage 3 keeps its shard in a tensor of its own; the full buffer is transient.
         self.shard = self.full[own].clone() if stage == 3 else self.full[own]
-        master = self.shard if param_dtype == torch.float32 else self.shard.float()
+        if offload:
+            # ZeRO-Offload: the fp32 master shard and its optimizer state live in
+            # (pinned, on GPUs) host memory; the update runs on the CPU.
+            pin = device.type == "cuda"
+            master = torch.empty(self.shard_numel, dtype=torch.float32, pin_memory=pin)
+            master.copy_(self.shard)
+        else:
+            master = self.shard if param_dtype == torch.float32 else self.shard.float()
         self.master = nn.Parameter(master)
         self.grad_shard: torch.Tensor | None = None
         # Stage 1 keeps full gradients: as views of one flat buffer, so the
@@ -121,7 +136,9 @@ class _Unit:
             own = self.grad_full[self.rank * self.shard_numel : (self.rank + 1) * self.shard_numel]
             own.copy_(self.rs_out)
             self.rs_out = own
-        g = self.rs_out.float() if self.master.dtype != self.rs_out.dtype else self.rs_out
+        g = self.rs_out  # kept in the parameter dtype (2 bytes/param for 16-bit), upcast at step
+        if g.device != self.master.device:
+            g = g.to(self.master.device, non_blocking=True)  # gradient offload, D2H
         self.grad_shard = g if self.grad_shard is None else self.grad_shard.add_(g)
         self.rs_out = None
         self.pending = len(self.params)
@@ -133,7 +150,8 @@ class ZeroDataParallel:
     shards, ``step()`` instead of ``optimizer.step()``, and ``zero_grad()``."""
 
     def __init__(self, model: nn.Module, units: list[list[nn.Module]], *, stage: int, group=None,
-                 param_dtype: torch.dtype = torch.float32, prefetch: bool = True) -> None:
+                 param_dtype: torch.dtype = torch.float32, offload_optimizer: bool = False,
+                 prefetch: bool = True) -> None:
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
         self.model, self.stage, self.group, self.prefetch = model, stage, group, prefetch
@@ -141,7 +159,10 @@ class ZeroDataParallel:
         src = dist.get_global_rank(group, 0) if group is not None else 0
         for p in model.parameters():  # identical starting weights, as DDP does
             dist.broadcast(p.data, src=src, group=group)
-        self.units = [_Unit(mods, rank=rank, world=world, param_dtype=param_dtype, stage=stage, group=group) for mods in units]
+        self.units = [
+            _Unit(mods, rank=rank, world=world, param_dtype=param_dtype, stage=stage, group=group, offload=offload_optimizer)
+            for mods in units
+        ]
         covered = {id(p) for u in self.units for p in u.params}
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
@@ -231,11 +252,15 @@ class ZeroDataParallel:
 
     def step(self) -> None:
         for unit in self.units:
-            unit.master.grad = unit.grad_shard if unit.grad_shard is not None else torch.zeros_like(unit.master)
+            g = unit.grad_shard if unit.grad_shard is not None else torch.zeros_like(unit.master)
+            unit.master.grad = g.to(unit.master.dtype)
         self.optimizer.step()
         for unit in self.units:
-            if unit.master.dtype != unit.shard.dtype:
-                unit.shard.copy_(unit.master.detach())  # fp32 master -> 16-bit shard
+            unit.master.grad = None  # the fp32 upcast is transient
+            if unit.master.data_ptr() != unit.shard.data_ptr():
+                # fp32 master -> 16-bit and/or device shard (H2D with offload; async
+                # from pinned memory, ordered before the next forward's gather).
+                unit.shard.copy_(unit.master.detach(), non_blocking=True)
             if self.stage < 3:
                 # Parameters are views of `full`; gather every rank's updated shard.
                 dist.all_gather_into_tensor(unit.full, unit.shard.clone(), group=self.group)
@@ -257,5 +282,7 @@ def decoder_units(model: nn.Module) -> list[list[nn.Module]]:
     return [[model.tok_embeddings], *[[layer] for layer in model.layers], [model.norm, model.output]]
 
 
-def apply_zero(model: nn.Module, *, stage: int, group=None, param_dtype: torch.dtype = torch.float32) -> ZeroDataParallel:
-    return ZeroDataParallel(model, decoder_units(model), stage=stage, group=group, param_dtype=param_dtype)
+def apply_zero(model: nn.Module, *, stage: int, group=None, param_dtype: torch.dtype = torch.float32,
+               offload_optimizer: bool = False) -> ZeroDataParallel:
+    return ZeroDataParallel(model, decoder_units(model), stage=stage, group=group, param_dtype=param_dtype,
+                            offload_optimizer=offload_optimizer)

@@ -28,3 +28,16 @@ def test_bucketed_data_parallel_matches_unsharded_gradients(nproc):
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_comm_meter_counts_every_kind_with_bus_factors(nproc):
     assert "OK" in torchrun("check_comm_meter.py", nproc)
+
+
+@pytest.mark.parametrize("nproc", [2, 3, 4])
+def test_allreduce_algorithms_match_backend_and_theory(nproc):
+    out = torchrun("check_allreduce.py", nproc)
+    for name in ("ring", "tree", "ps", "ps_sharded"):
+        assert f"OK {name}" in out
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_zero_stages_equal_single_process_adamw(nproc):
+    out = torchrun("check_zero.py", nproc)
+    assert out.count("OK stage=") == 6

@@ -9,6 +9,7 @@ from bench.adapters.base import Adapter, Capabilities, TrainStep, Unsupported
 _REGISTRY: dict[str, str] = {
     "inhouse": "bench.adapters.inhouse:InhouseAdapter",
     "torch": "bench.adapters.torch_native:TorchAdapter",
+    "deepspeed": "bench.adapters.deepspeed_adapter:DeepSpeedAdapter",
 }
 _cache: dict[str, Adapter] = {}
 

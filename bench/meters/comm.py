@@ -8,13 +8,15 @@ Python misses the first two).
 Bytes follow nccl-tests (DESIGN.md): payload is the tensor size (all-gather:
 the output; reduce-scatter and all-to-all: the input) and bus bytes are
 payload × the bus factor for the group size n: all-reduce 2(n−1)/n;
-all-gather, reduce-scatter, all-to-all (n−1)/n; broadcast, reduce,
-send/recv 1. These are *logical* bytes: gloo runs reduce-scatter as a full
+all-gather, reduce-scatter, all-to-all (n−1)/n; broadcast, reduce, send 1;
+recv 0 (its bytes are the sender's; payload is still recorded). These are *logical* bytes: gloo runs reduce-scatter as a full
 all-reduce on the wire, which is not counted.
 
 While metering, each collective is waited for before returning, so
-``time_s`` is the collective's own completion time, un-overlapped. The
-harness therefore meters an untimed step, never the timed ones.
+``time_s`` is the collective's own completion time, un-overlapped (for
+send/recv it is only the time to post the operation: waiting there could
+deadlock a batched exchange). The harness therefore meters an untimed step,
+never the timed ones.
 """
 from __future__ import annotations
 
@@ -74,7 +76,8 @@ def bus_factor(kind: str, n: int) -> float:
         return 2 * (n - 1) / n
     if kind in ("all_gather", "reduce_scatter", "all_to_all"):
         return (n - 1) / n
-    if kind == "barrier":
+    if kind in ("barrier", "recv"):
+        # A recv's bytes are its peer's send: counting both would double p2p traffic.
         return 0.0
     return 1.0
 
@@ -146,7 +149,9 @@ class CommMeter(TorchDispatchMode):
         kind, where = rule
         start = time.perf_counter()
         out = func(*args, **kwargs)
-        if self.synchronous:
+        if self.synchronous and kind not in ("send", "recv"):
+            # Not p2p: a batched isend/irecv pair would deadlock if the send
+            # were waited for before its partner recv is posted.
             _wait(func, out)
         elapsed = time.perf_counter() - start
         payload = 0 if where is None else _tensor_bytes(out if where == "out" else args[where])

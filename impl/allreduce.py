@@ -1,0 +1,122 @@
+"""All-reduce algorithms over point-to-point send/recv, beside the backend's own.
+
+Each function sums ``t`` in place across ``group`` (every rank ends with the
+same sum) using only ``isend``/``irecv``, so its traffic is exactly what the
+algorithm sends. Per-rank bytes sent for an S-byte tensor over N ranks:
+
+* ring (Baidu/Horovod): reduce-scatter then all-gather around a ring, 2(N−1)
+  steps of S/N each: 2S(N−1)/N — bandwidth-optimal, latency 2(N−1)·α.
+* tree: reduce up a binary tree to rank 0, then broadcast down it: every
+  non-root rank sends S once up and the root/interior ranks send S to each
+  child: latency 2·log2(N)·α, interior links carry 2S.
+* parameter server: every worker sends S to the server and receives S back;
+  the server receives (N−1)·S, its link is the bottleneck (time ∝ (N−1)·S).
+  Sharded (``servers=N``): rank i serves the i-th 1/N slice, which is
+  reduce-scatter + all-gather: 2S(N−1)/N per rank, like the ring but all-to-all.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def _peers(group) -> tuple[int, int, Callable[[int], int]]:
+    rank, n = dist.get_rank(group), dist.get_world_size(group)
+    glob = (lambda i: dist.get_global_rank(group, i)) if group is not None else (lambda i: i)
+    return rank, n, glob
+
+
+def _exchange(send: torch.Tensor | None, dst: int | None, recv: torch.Tensor | None, src: int | None, group) -> None:
+    ops = []
+    if send is not None:
+        ops.append(dist.P2POp(dist.isend, send, dst, group))
+    if recv is not None:
+        ops.append(dist.P2POp(dist.irecv, recv, src, group))
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
+def ring_all_reduce(t: torch.Tensor, group=None) -> None:
+    rank, n, glob = _peers(group)
+    if n == 1:
+        return
+    flat = t.view(-1)
+    chunks = list(flat.tensor_split(n))
+    right, left = glob((rank + 1) % n), glob((rank - 1) % n)
+    # Reduce-scatter: after n−1 steps rank r holds the full sum of chunk (r+1) % n.
+    for step in range(n - 1):
+        send_i, recv_i = (rank - step) % n, (rank - step - 1) % n
+        buf = torch.empty_like(chunks[recv_i])
+        _exchange(chunks[send_i], right, buf, left, group)
+        chunks[recv_i].add_(buf)
+    # All-gather: pass the reduced chunks around the ring.
+    for step in range(n - 1):
+        send_i, recv_i = (rank - step + 1) % n, (rank - step) % n
+        _exchange(chunks[send_i], right, chunks[recv_i], left, group)
+
+
+def tree_all_reduce(t: torch.Tensor, group=None) -> None:
+    rank, n, glob = _peers(group)
+    if n == 1:
+        return
+    children = [c for c in (2 * rank + 1, 2 * rank + 2) if c < n]
+    parent = (rank - 1) // 2 if rank > 0 else None
+    for c in children:  # reduce up
+        buf = torch.empty_like(t)
+        _exchange(None, None, buf, glob(c), group)
+        t.add_(buf)
+    if parent is not None:
+        _exchange(t, glob(parent), None, None, group)
+        _exchange(None, None, t, glob(parent), group)  # broadcast down
+    for c in children:
+        _exchange(t, glob(c), None, None, group)
+
+
+def ps_all_reduce(t: torch.Tensor, group=None, servers: int = 1) -> None:
+    """Parameter server; ``servers`` = 1 (rank 0 serves everything) or N (sharded)."""
+    rank, n, glob = _peers(group)
+    if n == 1:
+        return
+    if servers not in (1, n):
+        raise ValueError(f"servers must be 1 or the group size {n}, got {servers}")
+    slices = list(t.view(-1).tensor_split(servers))
+    for s, part in enumerate(slices):
+        if rank == s:  # this rank serves slice s: gather, sum, send back
+            for w in range(n):
+                if w != s:
+                    buf = torch.empty_like(part)
+                    _exchange(None, None, buf, glob(w), group)
+                    part.add_(buf)
+            for w in range(n):
+                if w != s:
+                    _exchange(part, glob(w), None, None, group)
+        else:
+            _exchange(part, glob(s), None, None, group)
+            _exchange(None, None, part, glob(s), group)
+
+
+def backend_all_reduce(t: torch.Tensor, group=None) -> None:
+    dist.all_reduce(t, group=group)
+
+
+ALGORITHMS: dict[str, Callable[[torch.Tensor, object], None]] = {
+    "backend": backend_all_reduce,
+    "ring": ring_all_reduce,
+    "tree": tree_all_reduce,
+    "ps": ps_all_reduce,
+    "ps_sharded": lambda t, group=None: ps_all_reduce(t, group, servers=dist.get_world_size(group)),
+}
+
+
+def validate_algorithm(name: str, group=None, numel: int = 1003) -> None:
+    """Check an algorithm against the backend on a random tensor before timing it
+    (llm.c style). Raises AssertionError on a mismatch."""
+    g = torch.Generator().manual_seed(dist.get_rank(group) + 1)
+    x = torch.randn(numel, generator=g, dtype=torch.float64)
+    want = x.clone()
+    dist.all_reduce(want, group=group)
+    got = x.clone()
+    ALGORITHMS[name](got, group)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
