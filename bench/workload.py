@@ -46,14 +46,17 @@ def local_batch(batch: Batch, *, dp_rank: int, dp: int) -> Batch:
     return Batch(batch.inputs[sl], batch.targets[sl])
 
 
-def torch_optimizer(name: str, params, *, fused: bool = False) -> torch.optim.Optimizer:
-    """The optimizers torch itself offers, with the workload's hyper-parameters."""
-    params = list(params)
+def optimizer_spec(name: str) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The torch optimizer class and the workload's hyper-parameters for it."""
     if name == "adamw":
-        kwargs = {"fused": True} if fused else {}
-        return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **kwargs)
+        return torch.optim.AdamW, {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY}
     if name == "sgd":
-        return torch.optim.SGD(params, lr=LR, momentum=SGD_MOMENTUM)
+        return torch.optim.SGD, {"lr": LR, "momentum": SGD_MOMENTUM}
     if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=LR, weight_decay=WEIGHT_DECAY)
+        return torch.optim.Adafactor, {"lr": LR, "weight_decay": WEIGHT_DECAY}
     raise ValueError(f"optimizer {name!r} is not a torch optimizer")
+
+
+def torch_optimizer(name: str, params) -> torch.optim.Optimizer:
+    cls, kwargs = optimizer_spec(name)
+    return cls(list(params), **kwargs)
