@@ -51,6 +51,10 @@ class Knobs(BaseModel):
     batch_size: int = Field(default=8, strict=True, ge=1)
     seq_len: int = Field(default=64, strict=True, ge=1)
     strategy: Literal["manual", "auto"] = "manual"
+    workload: Literal["train", "allreduce"] = "train"
+    """`train` trains the decoder; `allreduce` times one all-reduce of
+    `message_bytes` per step with the `allreduce` algorithm (adapter inhouse)."""
+    message_bytes: int = Field(default=2**20, strict=True, ge=4, le=2**34)
     fault: Fault = "none"
     """Test-only fault injection: raise, hang, oom (a real failed allocation),
     segfault, or slow (every timed step 20 % slower)."""
@@ -86,7 +90,7 @@ class Knobs(BaseModel):
         if self.seq_len > cfg.max_seq_len:
             raise ValueError(f"seq_len = {self.seq_len} exceeds max_seq_len = {cfg.max_seq_len} of {self.model!r}")
         per_step = self.dp * self.microbatches
-        if self.batch_size % per_step:
+        if self.workload == "train" and self.batch_size % per_step:
             raise ValueError(
                 f"batch_size = {self.batch_size} is not divisible by dp*microbatches = {per_step} "
                 f"(dp={self.dp}, microbatches={self.microbatches})"
@@ -105,6 +109,18 @@ class Knobs(BaseModel):
             raise ValueError("offload = 'optimizer+params' needs zero = 3")
         if self.pp > 1 and self.zero > 1:
             raise ValueError(f"zero = {self.zero} cannot be combined with pp = {self.pp} (only zero 0/1 with pipelines)")
+        return self
+
+    @model_validator(mode="after")
+    def _workload(self) -> "Knobs":
+        if self.workload == "allreduce":
+            if self.adapter != "inhouse":
+                raise ValueError("workload = 'allreduce' times impl/allreduce.py: use adapter = 'inhouse' "
+                                 "(allreduce = 'backend' is torch.distributed.all_reduce)")
+            if self.tp > 1 or self.pp > 1 or self.zero:
+                raise ValueError("workload = 'allreduce' runs over all ranks: tp, pp and zero must be off")
+            if self.message_bytes % 4:
+                raise ValueError(f"message_bytes = {self.message_bytes} must be a multiple of 4 (float32 elements)")
         return self
 
     @property

@@ -107,7 +107,9 @@ def predict(knobs: Any) -> dict[str, Any]:
     pure_dp = knobs.tp == 1 and knobs.pp == 1
     elem = PRECISION_BYTES[knobs.precision]
     comm = None
-    if pure_dp and knobs.zero == 0 and knobs.allreduce != "backend":
+    if knobs.workload == "allreduce":
+        comm = allreduce_bytes_sent(knobs.message_bytes, knobs.world_size, knobs.allreduce)
+    elif pure_dp and knobs.zero == 0 and knobs.allreduce != "backend":
         comm = allreduce_bytes_sent(psi * elem, knobs.dp, knobs.allreduce)
     elif pure_dp:
         comm = dp_comm_elements(psi, zero=knobs.zero, dp=knobs.dp, microbatches=knobs.microbatches) * elem

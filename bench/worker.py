@@ -79,12 +79,9 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from bench import adapters
     from bench.knobs import Knobs
     from bench.meters.comm import CommMeter
     from bench.meters.memory import CpuPeakTracker, cuda_peaks, model_state_bytes, peak_rss_bytes
-    from bench.workload import global_batch, local_batch
-    from impl.model import build_model, model_config
 
     phases["imported"] = time.time()
     knobs = Knobs.model_validate(payload["knobs"])
@@ -111,38 +108,35 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
-        cfg = model_config(knobs.model)
         tracker = CpuPeakTracker() if device.type == "cpu" else nullcontext()
         with tracker:
-            model = build_model(cfg, seed, device)
-            _inject_early_fault(knobs.fault, rank, world)
-            train_step = adapters.get(knobs.adapter).build(knobs, model, dims, device)
-            dp_rank = dims.coords(rank)[0]
+            if knobs.workload == "allreduce":
+                from bench.comm_bench import build_allreduce_step
 
-            def batch_for(step: int):
-                b = global_batch(cfg, batch_size=knobs.batch_size, seq_len=knobs.seq_len, seed=seed, step=step)
-                b = local_batch(b, dp_rank=dp_rank, dp=dims.dp)
-                return type(b)(b.inputs.to(device), b.targets.to(device))
-
+                step_fn, notes = build_allreduce_step(knobs, device)
+                state_tensors = dict
+            else:
+                step_fn, notes, state_tensors = _build_training(knobs, dims, device, seed, rank, world)
             losses: list[torch.Tensor | None] = []
             meter = CommMeter()
             for s in range(warmup):
                 # The last warm-up step is the communication-metered one.
                 with meter if s == warmup - 1 else nullcontext():
-                    losses.append(train_step(batch_for(s)))
+                    losses.append(step_fn(s))
             phases["built_and_warm"] = time.time()
         sync()
         phases["memory_tracker_read"] = time.time()
 
         samples: list[float] = []
         for s in range(warmup, warmup + steps):
-            batch = batch_for(s)
+            if hasattr(step_fn, "prepare"):
+                step_fn.prepare(s)  # data is made outside the timed region
             if knobs.fault == "hang" and rank == world - 1:
                 time.sleep(10**6)  # the other ranks now wait in the barrier
             dist.barrier()
             sync()
             start = time.perf_counter()
-            losses.append(train_step(batch))
+            losses.append(step_fn(s))
             sync()
             elapsed = time.perf_counter() - start
             if knobs.fault == "slow":
@@ -151,7 +145,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
             samples.append(elapsed)
 
         phases["timed_done"] = time.time()
-        state = model_state_bytes(train_step.state_tensors())
+        state = model_state_bytes(state_tensors())
         mem = cuda_peaks(device) if device.type == "cuda" else {"peak_allocated_bytes": tracker.peak_bytes}
         mine = {
             "samples": samples,
@@ -165,9 +159,35 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
         }
         everyone: list[dict[str, Any]] = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(everyone, mine)
-        return _combine(everyone, knobs, payload, train_step.notes, device)
+        return _combine(everyone, knobs, payload, notes, device)
     finally:
         dist.destroy_process_group()
+
+
+def _build_training(knobs, dims, device, seed: int, rank: int, world: int):
+    """The model, the adapter's train step, and a step function over the
+    deterministic batches (batch s is built before the clock starts)."""
+    from bench import adapters
+    from bench.workload import global_batch, local_batch
+    from impl.model import build_model, model_config
+
+    cfg = model_config(knobs.model)
+    model = build_model(cfg, seed, device)
+    _inject_early_fault(knobs.fault, rank, world)
+    train_step = adapters.get(knobs.adapter).build(knobs, model, dims, device)
+    dp_rank = dims.coords(rank)[0]
+    batches: dict[int, Any] = {}
+
+    def batch_for(step: int):
+        b = global_batch(cfg, batch_size=knobs.batch_size, seq_len=knobs.seq_len, seed=seed, step=step)
+        b = local_batch(b, dp_rank=dp_rank, dp=dims.dp)
+        return type(b)(b.inputs.to(device), b.targets.to(device))
+
+    def step_fn(step: int):
+        return train_step(batches.pop(step, None) or batch_for(step))
+
+    step_fn.prepare = lambda step: batches.__setitem__(step, batch_for(step))  # type: ignore[attr-defined]
+    return step_fn, train_step.notes, train_step.state_tensors
 
 
 def _inject_early_fault(fault: str, rank: int, world: int) -> None:
@@ -195,17 +215,27 @@ def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict
         vals = [r["losses"][i] for r in ranks if r["losses"][i] is not None]
         losses.append(sum(vals) / len(vals) if vals else None)
     stats = step_stats(samples)
+    if knobs.workload == "allreduce":
+        from bench.comm_bench import bandwidths
+
+        return {"device_name": _device_name(device), "notes": notes, "phases_rank0": ranks[0]["phases"], "metrics": {
+            "step_time_s": samples, "step_time_median_s": stats["median_s"], "step_time_stats": stats,
+            "message_bytes": knobs.message_bytes, **bandwidths(knobs.message_bytes, knobs.world_size, stats["median_s"]),
+            "bandwidth_definition": "nccl-tests: algbw = bytes/time, busbw = algbw*2(n-1)/n (median step)",
+            "comm": ranks[0]["comm"], "comm_bytes_per_step": max(r["comm_bus_bytes"] for r in ranks),
+            "comm_bytes_per_step_by_rank": [r["comm_bus_bytes"] for r in ranks],
+            "peak_rss_bytes": _max(r["peak_rss_bytes"] for r in ranks),
+            "peak_mem_bytes": _max(r["memory"].get("peak_allocated_bytes") for r in ranks),
+            "losses": [], "tokens_per_s": None, "mfu": None,
+        }}
     tokens_per_s = knobs.batch_size * knobs.seq_len / stats["median_s"]
     cfg = model_config(knobs.model)
     fpt = flops_per_token(cfg, knobs.seq_len)
     flops_per_device = fpt * tokens_per_s / knobs.world_size
+    device_name = _device_name(device)
     if device.type == "cuda":
-        import torch
-
-        device_name = torch.cuda.get_device_name(device)
         peak, peak_source = gpu_peak_flops(device_name), "table"
     else:
-        device_name = "cpu"
         peak, peak_source = payload.get("cpu_peak_flops"), payload.get("cpu_peak_source")
     bus = [r["comm_bus_bytes"] for r in ranks]
     return {
@@ -240,6 +270,14 @@ def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict
             "losses_timed_from": payload["warmup"],
         },
     }
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return "cpu"
 
 
 def _max(values) -> Any:

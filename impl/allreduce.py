@@ -38,23 +38,39 @@ def _exchange(send: torch.Tensor | None, dst: int | None, recv: torch.Tensor | N
         work.wait()
 
 
-def ring_all_reduce(t: torch.Tensor, group=None) -> None:
+def ring_all_reduce(t: torch.Tensor, group=None, segments: int = 8) -> None:
     rank, n, glob = _peers(group)
     if n == 1:
         return
-    flat = t.view(-1)
-    chunks = list(flat.tensor_split(n))
+    chunks = list(t.view(-1).tensor_split(n))
     right, left = glob((rank + 1) % n), glob((rank - 1) % n)
+    scratch = torch.empty_like(chunks[0])
     # Reduce-scatter: after n−1 steps rank r holds the full sum of chunk (r+1) % n.
+    # Each chunk moves in `segments` pieces, all posted at once, so adding piece k
+    # overlaps the transfer of piece k+1 (the pipelining gloo's own ring uses).
     for step in range(n - 1):
         send_i, recv_i = (rank - step) % n, (rank - step - 1) % n
-        buf = torch.empty_like(chunks[recv_i])
-        _exchange(chunks[send_i], right, buf, left, group)
-        chunks[recv_i].add_(buf)
+        dst = chunks[recv_i]
+        buf = scratch[: dst.numel()]
+        pairs = [
+            (dist.isend(a, right, group), dist.irecv(b, left, group), b, d)
+            for a, b, d in zip(chunks[send_i].tensor_split(segments), buf.tensor_split(segments), dst.tensor_split(segments))
+        ]
+        for _, recv, b, d in pairs:
+            recv.wait()
+            d.add_(b)
+        for send, *_ in pairs:
+            send.wait()
     # All-gather: pass the reduced chunks around the ring.
     for step in range(n - 1):
         send_i, recv_i = (rank - step + 1) % n, (rank - step) % n
-        _exchange(chunks[send_i], right, chunks[recv_i], left, group)
+        works = [
+            w
+            for a, b in zip(chunks[send_i].tensor_split(segments), chunks[recv_i].tensor_split(segments))
+            for w in (dist.isend(a, right, group), dist.irecv(b, left, group))
+        ]
+        for w in works:
+            w.wait()
 
 
 def tree_all_reduce(t: torch.Tensor, group=None) -> None:

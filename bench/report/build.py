@@ -10,8 +10,12 @@ from typing import Any
 import jinja2
 import pandas as pd
 
+from bench.knobs import Knobs
 from bench.results import read_records
 
+DEFAULTS = {name: field.default for name, field in Knobs.model_fields.items()}
+LABEL_KNOBS = ("world_size", "tp", "pp", "zero", "offload", "precision", "optimizer", "microbatches", "checkpointing",
+               "allreduce", "fusion", "attention", "sequence_parallel", "pp_schedule", "workload", "message_bytes", "fault")
 THEORY_TOLERANCE = {"comm_bytes_per_step": 0.01, "model_state_total": 0.05}
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("bench.report", "templates"),
@@ -25,9 +29,10 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     for r in records:
         m, c = r.get("metrics") or {}, r["config"]
         knobs = {k: c[k] for k in ("world_size", "dp", "tp", "pp", "zero", "precision", "optimizer", "microbatches")}
+        shown = {k: v for k, v in c.items() if k in LABEL_KNOBS and (k == "world_size" or v != DEFAULTS.get(k))}
         rows.append({
             "cell": r["cell_id"], "adapter": r["adapter"], "status": r["status"], "reason": r.get("reason") or "",
-            "label": f"{r['adapter']} " + " ".join(f"{k}={v}" for k, v in knobs.items() if v not in (1, 0, "fp32", "adamw") or k == "world_size"),
+            "label": f"{r['adapter']} " + " ".join(f"{k}={v}" for k, v in shown.items()),
             **knobs,
             "step_time_ms": m.get("step_time_median_s", float("nan")) * 1e3 if m else float("nan"),
             "tokens_per_s": m.get("tokens_per_s") if m else None,
@@ -86,6 +91,32 @@ def _step_plot(records: list[dict[str, Any]]) -> str | None:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _busbw_plot(records: list[dict[str, Any]]) -> str | None:
+    """busbw against message size for the all-reduce workload (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    rows = [{"message_bytes": r["config"]["message_bytes"], "busbw_gb_per_s": r["metrics"]["busbw_bytes_per_s"] / 1e9,
+             "algorithm": r["config"]["allreduce"], "ranks": r["config"]["world_size"]}
+            for r in records if r.get("metrics") and r["config"].get("workload") == "allreduce"]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.lineplot(data=pd.DataFrame(rows), x="message_bytes", y="busbw_gb_per_s", hue="algorithm", style="ranks",
+                 markers=True, ax=ax)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_title("all-reduce bus bandwidth (nccl-tests busbw), GB/s")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def theory_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for r in records:
@@ -110,6 +141,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
         ("peak memory", _plot(df, "peak_mem_mib", "peak live-tensor / allocated memory, MiB (max over ranks)")),
         ("communication", _plot(df, "comm_mib_per_step", "communication bus MiB per step per rank")),
         ("MFU", _plot(df, "mfu_pct", "MFU %")),
+        ("all-reduce busbw", _busbw_plot(records)),
     ) if img]
     columns = ["cell", "label", "status", "step_time_ms", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
                "comm_mib_per_step", "final_loss", "fixed_cost_s"]
