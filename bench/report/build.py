@@ -124,8 +124,11 @@ def theory_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if ratio is None:
                 continue
             tol = THEORY_TOLERANCE.get(key)
+            notes = r.get("notes") or {}
+            why = notes.get("comm_vs_theory") if key.startswith("comm") else notes.get("model_state_vs_theory")
             rows.append({"cell": r["cell_id"], "adapter": r["adapter"], "quantity": key, "ratio": ratio,
-                         "tolerance": tol, "out_of_tolerance": tol is not None and abs(ratio - 1) > tol})
+                         "tolerance": tol, "out_of_tolerance": tol is not None and abs(ratio - 1) > tol,
+                         "explained": why or ""})
     return rows
 
 
