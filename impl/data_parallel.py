@@ -1,12 +1,11 @@
 """Data parallel: bucketed gradient all-reduce overlapped with backward (Li et al. 2020).
 
 Gradients are grouped into buckets of about ``bucket_cap_bytes`` in reverse
-registration order (roughly the order backward produces them). A
-post-accumulate-grad hook on each parameter counts arrivals; when a bucket is
-complete its gradients are copied into one flat buffer and all-reduced
-asynchronously, so communication of late layers overlaps the backward of early
-ones. A callback queued on the autograd engine waits for every bucket at the
-end of backward, averages and writes the result back into ``.grad``.
+registration order (roughly the order backward produces them). When a
+bucket's last gradient is accumulated (``impl.grad_hooks``) its gradients are
+copied into one flat buffer and all-reduced asynchronously, so communication
+of late layers overlaps the backward of early ones. At the end of backward
+every bucket is waited for and the averaged result written back into ``.grad``.
 
 Per rank and step this all-reduces Ψ elements: ring volume 2Ψ(N−1)/N.
 """
@@ -19,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from impl.grad_hooks import GradReadyHooks
+
 AllReduceFn = Callable[[torch.Tensor, "dist.ProcessGroup | None"], "dist.Work | None"]
 
 
@@ -30,7 +31,6 @@ class _Bucket:
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
         self.numel = sum(p.numel() for p in params)
-        self.pending = len(params)
         self.buffer: torch.Tensor | None = None
         self.work: "dist.Work | None" = None
 
@@ -60,11 +60,8 @@ class BucketedDataParallel:
             for p in params:
                 dist.broadcast(p.data, src=src, group=group)
         self.buckets = self._make_buckets(list(reversed(params)), bucket_cap_bytes)
-        self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
-        self._sync = True
-        self._callback_queued = False
-        for p in params:
-            p.register_post_accumulate_grad_hook(self._on_grad)
+        self.hooks = GradReadyHooks([b.params for b in self.buckets],
+                                    on_ready=lambda i: self._launch(self.buckets[i]), on_end=self._finish)
 
     @staticmethod
     def _make_buckets(params: list[nn.Parameter], cap: int) -> list[_Bucket]:
@@ -84,22 +81,11 @@ class BucketedDataParallel:
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally (gradient accumulation); the next
         backward outside this context all-reduces the accumulated sum."""
-        self._sync = False
+        self.hooks.enabled = False
         try:
             yield
         finally:
-            self._sync = True
-
-    def _on_grad(self, p: nn.Parameter) -> None:
-        if not self._sync:
-            return
-        if not self._callback_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
-            self._callback_queued = True
-        bucket = self._bucket_of[id(p)]
-        bucket.pending -= 1
-        if bucket.pending == 0:
-            self._launch(bucket)
+            self.hooks.enabled = True
 
     def _launch(self, bucket: _Bucket) -> None:
         first = bucket.params[0]
@@ -118,10 +104,9 @@ class BucketedDataParallel:
         bucket.buffer.div_(self.world)
         bucket.work = self.all_reduce(bucket.buffer, self.group)
 
-    def _finish(self) -> None:
-        for bucket in self.buckets:
-            if bucket.pending > 0:  # parameters that got no gradient this step
-                self._launch(bucket)
+    def _finish(self, not_ready: list[int]) -> None:
+        for i in not_ready:  # buckets with parameters that got no gradient this step
+            self._launch(self.buckets[i])
         for bucket in self.buckets:
             if bucket.work is not None:
                 bucket.work.wait()
@@ -134,8 +119,7 @@ class BucketedDataParallel:
                 else:
                     p.grad.copy_(flat)
                 offset += n
-            bucket.pending, bucket.work = len(bucket.params), None
-        self._callback_queued = False
+            bucket.work = None
 
 
 def apply_data_parallel(module: nn.Module, **kwargs) -> BucketedDataParallel:

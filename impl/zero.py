@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from impl.grad_hooks import GradReadyHooks
+
 
 class _Unit:
     def __init__(self, modules: list[nn.Module], *, rank: int, world: int, param_dtype: torch.dtype,
@@ -72,7 +74,6 @@ class _Unit:
         # reduce-scatter reads them in place and the reduced shard is written
         # back into the owned region (no extra persistent copy).
         self.grad_full = torch.zeros_like(self.full) if stage == 1 else None
-        self.pending = len(self.params)
         self.work = None
         self.rs_out: torch.Tensor | None = None
         self.gather_work = None
@@ -141,7 +142,6 @@ class _Unit:
             g = g.to(self.master.device, non_blocking=True)  # gradient offload, D2H
         self.grad_shard = g if self.grad_shard is None else self.grad_shard.add_(g)
         self.rs_out = None
-        self.pending = len(self.params)
 
 
 class ZeroDataParallel:
@@ -167,11 +167,7 @@ class ZeroDataParallel:
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
             raise ValueError(f"parameters outside every ZeRO unit: {missing}")
-        self._unit_of = {id(p): u for u in self.units for p in u.params}
-        self._sync = True
-        self._callback_queued = False
-        for p in (p for u in self.units for p in u.params):
-            p.register_post_accumulate_grad_hook(self._on_grad)
+        self.hooks = GradReadyHooks([u.params for u in self.units], on_ready=self._on_unit_ready, on_end=self._finish)
         if stage == 3:
             for i, unit in enumerate(self.units):
                 unit.modules[0].register_forward_pre_hook(self._pre_forward(i))
@@ -206,34 +202,25 @@ class ZeroDataParallel:
     def no_sync(self) -> Iterator[None]:
         """Stage 1 accumulates full gradients locally; stages 2 and 3 cannot keep
         full gradients, so they reduce-scatter every micro-batch (as DeepSpeed does)."""
-        self._sync = self.stage >= 2
+        self.hooks.enabled = self.stage >= 2
         try:
             yield
         finally:
-            self._sync = True
+            self.hooks.enabled = True
 
-    def _on_grad(self, p: nn.Parameter) -> None:
-        if not self._sync:
-            return
-        if not self._callback_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
-            self._callback_queued = True
-        unit = self._unit_of[id(p)]
-        unit.pending -= 1
-        if unit.pending == 0:
-            unit.launch_reduce_scatter()
-            if self.stage == 3:
-                unit.free_params()
+    def _on_unit_ready(self, i: int) -> None:
+        unit = self.units[i]
+        unit.launch_reduce_scatter()
+        if self.stage == 3:
+            unit.free_params()
 
-    def _finish(self) -> None:
-        for unit in self.units:
-            if unit.pending != len(unit.params) and unit.work is None:  # some params got no gradient
-                unit.launch_reduce_scatter()
+    def _finish(self, not_ready: list[int]) -> None:
+        for i in not_ready:  # units with parameters that got no gradient this step
+            self.units[i].launch_reduce_scatter()
         for unit in self.units:
             unit.finish_reduce_scatter()
             if self.stage == 3:
                 unit.free_params()
-        self._callback_queued = False
 
     # --- optimizer ------------------------------------------------------------
     def make_optimizer(self, factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> torch.optim.Optimizer:

@@ -25,6 +25,17 @@ def records(results: Path, suite: str) -> list[dict]:
     return out
 
 
+def run_suite(tmp_path_factory, text: str) -> list[dict]:
+    """Run a suite through the real CLI into a fresh results folder; its records."""
+    import yaml
+
+    name = yaml.safe_load(text)["name"]
+    tmp = tmp_path_factory.mktemp(name)
+    (tmp / "suite.yaml").write_text(text)
+    bench("run", str(tmp / "suite.yaml"), "--results", str(tmp / "results"), "--no-progress")
+    return records(tmp / "results", name)
+
+
 @pytest.fixture
 def write_suite(tmp_path):
     def write(text: str, name: str = "suite.yaml") -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from impl.model import model_config, total_params
-from tests.conftest import bench, records
+from tests.conftest import run_suite
 from tests.reference import reference_losses
 
 SUITE = """
@@ -23,10 +23,7 @@ include:
 
 @pytest.fixture(scope="module")
 def ddp_records(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    (tmp / "suite.yaml").write_text(SUITE)
-    bench("run", str(tmp / "suite.yaml"), "--results", str(tmp / "results"), "--no-progress")
-    recs = records(tmp / "results", "ddp-parity")
+    recs = run_suite(tmp_path_factory, SUITE)
     assert len(recs) == 3
     return recs
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from impl.model import model_config, total_params
-from tests.conftest import bench, records
+from tests.conftest import run_suite
 from tests.reference import reference_losses
 
 SUITE = """
@@ -28,11 +28,8 @@ include:
 
 @pytest.fixture(scope="module")
 def recs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("torch")
-    (tmp / "suite.yaml").write_text(SUITE)
-    bench("run", str(tmp / "suite.yaml"), "--results", str(tmp / "results"), "--no-progress")
     return {(r["config"]["zero"], r["config"]["offload"], r["config"]["precision"], r["config"]["checkpointing"]): r
-            for r in records(tmp / "results", "torch-adapter")}
+            for r in run_suite(tmp_path_factory, SUITE)}
 
 
 def test_statuses(recs):

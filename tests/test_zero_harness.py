@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import bench, records
+from tests.conftest import run_suite
 from tests.reference import reference_losses
 
 SUITE = """
@@ -29,10 +29,7 @@ include:
 
 @pytest.fixture(scope="module")
 def recs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("zero")
-    (tmp / "suite.yaml").write_text(SUITE)
-    bench("run", str(tmp / "suite.yaml"), "--results", str(tmp / "results"), "--no-progress")
-    return records(tmp / "results", "zero")
+    return run_suite(tmp_path_factory, SUITE)
 
 
 def _ok(recs):

@@ -8,8 +8,8 @@ its ``TorchBackend``; ``dist_init_required=False``).
 from __future__ import annotations
 
 import functools
-import math
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,8 @@ from impl.model import Decoder, lm_loss, total_params
 from impl.parallel_dims import ParallelDims
 
 CUDA_ONLY = frozenset({"cuda"})
-_NO_PIPELINE = "pipeline parallelism through DeepSpeed's PipelineModule is not wired into this adapter yet"
-_NO_TP = ("DeepSpeed has no training tensor parallelism for an arbitrary nn.Module (AutoTP targets "
-          "Hugging Face models; Megatron-DeepSpeed brings its own model): not mapped")
+_NO_PIPELINE = "DeepSpeed's PipelineModule is not wired into this adapter yet"
+_NO_TP = "no DeepSpeed training TP for a plain nn.Module (AutoTP targets Hugging Face models)"
 
 
 class DeepSpeedAdapter(Adapter):
@@ -42,30 +41,27 @@ class DeepSpeedAdapter(Adapter):
         },
         reasons={
             "precision_fp16": "DeepSpeed 0.19.8 on CPU: 'Type fp16 is not supported on your device' "
-                              "(needs AVX512-fp16); fp16 with dynamic loss scaling runs on CUDA",
+                              "(needs AVX512-fp16)",
             "tensor_parallel_1d": _NO_TP,
             "tensor_parallel_2d": "DeepSpeed has no 2D (SUMMA) tensor parallelism",
             "tensor_parallel_2.5d": "DeepSpeed has no 2.5D tensor parallelism",
             "tensor_parallel_3d": "DeepSpeed has no 3D tensor parallelism",
-            "sequence_parallel_megatron": "Megatron sequence parallelism needs tensor parallelism, not mapped here",
-            "sequence_parallel_ring": "DeepSpeed's sequence parallelism is Ulysses (all-to-all over heads), not ring "
-                                      "self-attention",
+            "sequence_parallel_megatron": "needs tensor parallelism (not mapped)",
+            "sequence_parallel_ring": "DeepSpeed's sequence parallelism is Ulysses (all-to-all), not ring attention",
             **{f"pipeline_{s}": _NO_PIPELINE for s in ("gpipe", "1f1b", "interleaved", "pipedream", "zbv")},
-            "checkpointing_selective": "DeepSpeed checkpoints whole functions; selective (attention-core) "
-                                       "recompute is not a DeepSpeed feature",
+            "checkpointing_selective": "DeepSpeed checkpoints whole functions; no selective recompute",
             "optimizer_adafactor": "not a DeepSpeed optimizer type",
-            "optimizer_adam8bit": "not a DeepSpeed optimizer type (bitsandbytes is a separate library)",
+            "optimizer_adam8bit": "not a DeepSpeed optimizer type",
             "optimizer_onebit_adam": "OneBitAdam is no longer an accepted optimizer type in DeepSpeed 0.19.8",
             "optimizer_onebit_lamb": "OneBitLamb is no longer an accepted optimizer type in DeepSpeed 0.19.8",
-            "optimizer_lamb": "DeepSpeed's Lamb is FusedLamb, a CUDA kernel with no CPU op in 0.19.8; "
-                              "not mapped on CUDA either yet",
+            "optimizer_lamb": "DeepSpeed's FusedLamb has no CPU op in 0.19.8 (CUDA not mapped yet)",
             "optimizer_lars": "not a DeepSpeed optimizer type",
             "fusion_compile": "DeepSpeed's engine.compile() is not wired into this adapter",
-            **{f"allreduce_{a}": "DeepSpeed always uses the backend's collectives; no ring/tree/parameter-server choice"
+            **{f"allreduce_{a}": "DeepSpeed uses the backend's collectives; no algorithm choice"
                for a in ("ring", "tree", "ps")},
             **{f"attention_{a}": "deepspeed.ops.sparse_attention is removed in DeepSpeed 0.19.8"
                for a in ("sliding_window", "dilated", "global", "random", "block_local", "longformer", "bigbird")},
-            "strategy_auto": "DeepSpeed autotuning is a separate launcher-driven search, not mapped",
+            "strategy_auto": "DeepSpeed autotuning is a launcher-driven search, not mapped",
         },
     )
 
@@ -82,6 +78,8 @@ class DeepSpeedAdapter(Adapter):
         import deepspeed
 
         config = deepspeed_config(knobs, total_params(model.cfg), max(p.numel() for p in model.parameters()))
+        # Measured before ZeRO-3 partitions the parameters (numel() is 0 after).
+        recomputed = _layer_fraction(model) if knobs.checkpointing == "full" else 0.0
         if knobs.checkpointing == "full":
             _checkpoint_layers(model)
         engine, _, _, _ = deepspeed.initialize(
@@ -106,7 +104,7 @@ class DeepSpeedAdapter(Adapter):
                 "then reduces and frees them, so at the boundary only its partition (4Ψ/N) remains."
             ),
         }
-        notes.update(_comm_notes(knobs, recomputed_fraction=_layer_fraction(model) if knobs.checkpointing == "full" else 0.0))
+        notes.update(_comm_notes(knobs, recomputed_fraction=recomputed))
         return TrainStep(_step_fn(engine, knobs.microbatches, state), modules=[engine.module],
                          optimizers=[_inner_optimizer(engine)], notes=notes, state=state.tensors)
 
@@ -297,7 +295,7 @@ def _comm_notes(knobs: Knobs, *, recomputed_fraction: float = 0.0) -> dict[str, 
                 "DeepSpeed 0.19.8 ZeRO-1/2 reduce each gradient bucket with an all-reduce and keep their own "
                 "slice (zero_optimization.use_multi_rank_bucket_allreduce defaults to true), not a reduce-scatter: "
                 f"{reductions} × 2Ψ(N−1)/N, then all-gather the updated parameters Ψ(N−1)/N; theory counts "
-                f"{'2' if knobs.zero == 1 else f'{m}+1'} × Ψ(N−1)/N. Plus one scalar all-reduce for the gradient norm."
+                f"{theory} × Ψ(N−1)/N. Plus one scalar all-reduce for the gradient norm."
             ),
             "comm_expected_ratio": (2 * reductions + 1) / theory,
         }

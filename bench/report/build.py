@@ -46,6 +46,17 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _png(fig) -> str:
+    """A finished figure as inline base64 PNG (the page needs no network)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def _plot(df: pd.DataFrame, metric: str, title: str) -> str | None:
     import matplotlib
 
@@ -60,11 +71,7 @@ def _plot(df: pd.DataFrame, metric: str, title: str) -> str | None:
     sns.barplot(data=data, y="label", x=metric, hue="adapter", dodge=False, ax=ax, orient="h")
     ax.set_title(title)
     ax.set_ylabel("")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return _png(fig)
 
 
 def _step_plot(records: list[dict[str, Any]]) -> str | None:
@@ -84,11 +91,7 @@ def _step_plot(records: list[dict[str, Any]]) -> str | None:
     sns.pointplot(data=data, y="cell", x="step_ms", hue="adapter", estimator="median", errorbar=("pi", 80), linestyle="none", ax=ax)
     ax.set_title("step time (median, p10–p90 bars)")
     ax.set_ylabel("")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return _png(fig)
 
 
 def _busbw_plot(records: list[dict[str, Any]]) -> str | None:
@@ -110,11 +113,7 @@ def _busbw_plot(records: list[dict[str, Any]]) -> str | None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_title("all-reduce bus bandwidth (nccl-tests busbw), GB/s")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return _png(fig)
 
 
 def theory_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
