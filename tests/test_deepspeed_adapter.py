@@ -5,15 +5,12 @@ really does, which the test pins against the ZeRO formulas (and the record
 explains where DeepSpeed sends or keeps more)."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from impl.model import build_model, model_config, total_params
 from tests.conftest import bench, records
 from tests.reference import reference_losses
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 STEPS, WARMUP = 3, 2
 SUITE = f"""
