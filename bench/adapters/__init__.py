@@ -10,6 +10,7 @@ _REGISTRY: dict[str, str] = {
     "inhouse": "bench.adapters.inhouse:InhouseAdapter",
     "torch": "bench.adapters.torch_native:TorchAdapter",
     "deepspeed": "bench.adapters.deepspeed_adapter:DeepSpeedAdapter",
+    "colossalai": "bench.adapters.colossalai_adapter:ColossalAIAdapter",
 }
 _cache: dict[str, Adapter] = {}
 
