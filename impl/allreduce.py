@@ -28,6 +28,20 @@ def _peers(group) -> tuple[int, int, Callable[[int], int]]:
     return rank, n, glob
 
 
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(like: torch.Tensor) -> torch.Tensor:
+    """A receive buffer reused across calls: a fresh large CPU allocation is
+    mmap-ed and page-faulted on every call, which costs more than the copy."""
+    key = (like.numel(), like.dtype, like.device)
+    if key not in _SCRATCH:
+        if len(_SCRATCH) >= 8:  # a few sizes: the DDP buckets, or the benchmark's message
+            _SCRATCH.clear()
+        _SCRATCH[key] = torch.empty_like(like)
+    return _SCRATCH[key]
+
+
 def _exchange(send: torch.Tensor | None, dst: int | None, recv: torch.Tensor | None, src: int | None, group) -> None:
     ops = []
     if send is not None:
@@ -44,7 +58,7 @@ def ring_all_reduce(t: torch.Tensor, group=None, segments: int = 8) -> None:
         return
     chunks = list(t.view(-1).tensor_split(n))
     right, left = glob((rank + 1) % n), glob((rank - 1) % n)
-    scratch = torch.empty_like(chunks[0])
+    scratch = _scratch(chunks[0])
     # Reduce-scatter: after n−1 steps rank r holds the full sum of chunk (r+1) % n.
     # Each chunk moves in `segments` pieces, all posted at once, so adding piece k
     # overlaps the transfer of piece k+1 (the pipelining gloo's own ring uses).
@@ -79,8 +93,8 @@ def tree_all_reduce(t: torch.Tensor, group=None) -> None:
         return
     children = [c for c in (2 * rank + 1, 2 * rank + 2) if c < n]
     parent = (rank - 1) // 2 if rank > 0 else None
+    buf = _scratch(t)
     for c in children:  # reduce up
-        buf = torch.empty_like(t)
         _exchange(None, None, buf, glob(c), group)
         t.add_(buf)
     if parent is not None:
@@ -100,9 +114,9 @@ def ps_all_reduce(t: torch.Tensor, group=None, servers: int = 1) -> None:
     slices = list(t.view(-1).tensor_split(servers))
     for s, part in enumerate(slices):
         if rank == s:  # this rank serves slice s: gather, sum, send back
+            buf = _scratch(part)
             for w in range(n):
                 if w != s:
-                    buf = torch.empty_like(part)
                     _exchange(None, None, buf, glob(w), group)
                     part.add_(buf)
             for w in range(n):
