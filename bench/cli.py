@@ -45,13 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dp", type=int, required=True, help="data-parallel ranks N_d")
     p.add_argument("--optimizer", default="adamw")
 
+    p = sub.add_parser("compare", help="regressions of CANDIDATE against BASE (exit 1 on regression)")
+    p.add_argument("base", help="a run's .jsonl or a suite folder (newest run)")
+    p.add_argument("candidate")
+    p.add_argument("--time-threshold", type=float, default=0.05, help="step-time ratio past 1 that counts (default 0.05)")
+    p.add_argument("--mem-threshold", type=float, default=0.02, help="memory/comm ratio past 1 that counts (default 0.02)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance of the Mann-Whitney U test (default 0.05)")
+    p.add_argument("--md", help="also write the markdown summary here")
+    p.add_argument("--html", help="also write an HTML summary here")
+
     sub.add_parser("list", help="adapter × technique support matrix")
     sub.add_parser("doctor", help="what is installed, the device, and why an adapter is unavailable")
 
     args = parser.parse_args(argv)
     return {
         "run": cmd_run, "validate": cmd_validate, "report": cmd_report, "export": cmd_export,
-        "theory": cmd_theory, "list": cmd_list, "doctor": cmd_doctor,
+        "theory": cmd_theory, "list": cmd_list, "doctor": cmd_doctor, "compare": cmd_compare,
     }[args.command](args)
 
 
@@ -145,6 +154,28 @@ def cmd_report(args) -> int:
         out = write_report(f, Path(args.out))
         console.print(f"report: {out}", highlight=False)
     return 0
+
+
+def cmd_compare(args) -> int:
+    from bench.compare import compare, html_page, markdown
+    from bench.results import resolve_results
+
+    try:
+        (base,), (cand,) = resolve_results(args.base), resolve_results(args.candidate)
+    except (FileNotFoundError, ValueError) as exc:
+        err_console.print(f"error: {exc}")
+        return 2
+    findings = compare(base, cand, time_threshold=args.time_threshold, mem_threshold=args.mem_threshold, alpha=args.alpha)
+    if not findings:
+        err_console.print(f"error: no cell of {cand} matches a cell of {base}")
+        return 2
+    text = markdown(findings)
+    print(text)  # plain: a markdown table must not be re-wrapped
+    if args.md:
+        Path(args.md).write_text(text)
+    if args.html:
+        Path(args.html).write_text(html_page(findings, base, cand))
+    return 1 if any(f.regressed for f in findings) else 0
 
 
 def cmd_export(args) -> int:
