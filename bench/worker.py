@@ -120,8 +120,10 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
             losses: list[torch.Tensor | None] = []
             meter = CommMeter()
             for s in range(warmup):
-                # The last warm-up step is the communication-metered one.
-                with meter if s == warmup - 1 else nullcontext():
+                # The last warm-up step is the communication-metered one and the
+                # CPU memory tracker's steady-state window.
+                last = s == warmup - 1
+                with meter if last else nullcontext(), tracker.steady() if last and device.type == "cpu" else nullcontext():
                     losses.append(step_fn(s))
             phases["built_and_warm"] = time.time()
         sync()
@@ -146,7 +148,8 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
 
         phases["timed_done"] = time.time()
         state = model_state_bytes(state_tensors())
-        mem = cuda_peaks(device) if device.type == "cuda" else {"peak_allocated_bytes": tracker.peak_bytes}
+        mem = cuda_peaks(device) if device.type == "cuda" else {
+            "peak_allocated_bytes": tracker.peak_bytes, "peak_first_steps_bytes": tracker.peak_first_steps_bytes}
         mine = {
             "samples": samples,
             "losses": [None if l is None else float(l) for l in losses],
@@ -226,6 +229,7 @@ def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict
             "comm_bytes_per_step_by_rank": [r["comm_bus_bytes"] for r in ranks],
             "peak_rss_bytes": _max(r["peak_rss_bytes"] for r in ranks),
             "peak_mem_bytes": _max(r["memory"].get("peak_allocated_bytes") for r in ranks),
+            "peak_mem_first_steps_bytes": _max(r["memory"].get("peak_first_steps_bytes") for r in ranks),
             "losses": [], "tokens_per_s": None, "mfu": None,
         }}
     tokens_per_s = knobs.batch_size * knobs.seq_len / stats["median_s"]
@@ -255,11 +259,12 @@ def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict
             "peak_flops_source": peak_source if peak else None,
             "mfu": flops_per_device / peak if peak else None,
             "peak_mem_bytes": _max(r["memory"].get("peak_allocated_bytes") for r in ranks),
+            "peak_mem_first_steps_bytes": _max(r["memory"].get("peak_first_steps_bytes") for r in ranks),
             "peak_reserved_bytes": _max(r["memory"].get("peak_reserved_bytes") for r in ranks),
             "device_total_bytes": ranks[0]["memory"].get("device_total_bytes"),
             "peak_mem_source": "cuda memory_stats allocated (max over ranks)"
             if device.type == "cuda"
-            else "cpu: profiler live-tensor bytes over build + warm-up (max over ranks)",
+            else "cpu: profiler live-tensor bytes (counted from before the build), peak in the last warm-up step (max over ranks)",
             "peak_rss_bytes": _max(r["peak_rss_bytes"] for r in ranks),
             "model_state_bytes": {k: max(r["model_state_bytes"][k] for r in ranks) for k in ("params", "grads", "optimizer")},
             "comm": ranks[0]["comm"],

@@ -1,9 +1,10 @@
 """Peak memory: CUDA allocator statistics, or on CPU a tensor-level tracker.
 
-CPU has no allocator statistics. ``CpuPeakTracker`` runs ``torch.profiler``
-with ``profile_memory=True`` from before the model is built through the
-warm-up steps and takes the peak of the running sum of allocation events
-(the profiler's "Total Allocated"): peak live-tensor bytes. Peak RSS
+CPU has no allocator statistics. ``CpuPeakTracker`` runs the profiler with
+``profile_memory=True`` from before the model is built through the warm-up
+steps; the running sum of allocation events (the profiler's "Total
+Allocated") is the live-tensor bytes, and its peak during the last warm-up
+step is the steady-state peak. Peak RSS
 (``VmHWM``) is reported separately and is only a sanity check (it includes
 the interpreter, libraries and allocator caching).
 """
@@ -16,6 +17,14 @@ import torch
 
 
 class CpuPeakTracker:
+    """Live CPU tensor bytes from before the model is built; ``peak_bytes`` is the
+    peak inside the ``steady()`` window (the last warm-up step), so first-step
+    transients that vary from launch to launch (DDP rebuilding its buckets
+    after iteration 1: +Ψ·4 bytes in some launches only) do not enter it;
+    ``peak_first_steps_bytes`` is the peak over the whole tracked span."""
+
+    MARK = "trainbench::steady_step"
+
     def __init__(self) -> None:
         # The non-Kineto profiler starts in ~1 ms; Kineto's first start costs ~1.4 s
         # per process, most of a cell's fixed cost. Both record the same
@@ -24,19 +33,29 @@ class CpuPeakTracker:
 
         self._prof = profile(profile_memory=True, use_kineto=False)
         self.peak_bytes: int | None = None
+        self.peak_first_steps_bytes: int | None = None
 
     def __enter__(self) -> "CpuPeakTracker":
         self._prof.__enter__()
         return self
 
+    def steady(self):
+        return torch.autograd.profiler.record_function(self.MARK)
+
     def __exit__(self, *exc: Any) -> None:
         self._prof.__exit__(*exc)
-        events = sorted(
+        events = list(self._prof.kineto_results.events())
+        marks = [e.start_ns() for e in events if e.name() == self.MARK]
+        memory = sorted(
             (e.start_ns(), e.nbytes())
-            for e in self._prof.kineto_results.events()
+            for e in events
             if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
         )
-        self.peak_bytes = max(itertools.accumulate(b for _, b in events), default=0)
+        running = list(itertools.accumulate(b for _, b in memory))
+        self.peak_first_steps_bytes = max(running, default=0)
+        start = marks[-1] if marks else None
+        in_window = [total for (t, _), total in zip(memory, running) if start is None or t >= start]
+        self.peak_bytes = max(in_window, default=self.peak_first_steps_bytes)
 
 
 def peak_rss_bytes() -> int | None:
