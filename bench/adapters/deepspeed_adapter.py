@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,9 @@ class DeepSpeedAdapter(Adapter):
     def build(self, knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
         if dims.tp > 1 or dims.pp > 1:
             raise Unsupported(f"tp = {dims.tp}, pp = {dims.pp}: {_NO_TP if dims.tp > 1 else _NO_PIPELINE}")
-        # JIT-built ops (shm comm ~24 s, cpu_adam ~41 s) are cached across cells and runs.
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trainbench" / "torch_extensions"))
+        # JIT-built ops (shm comm ~24 s, cpu_adam ~41 s) are cached across cells and
+        # runs, per environment: two venvs sharing one cache rebuild each other's ops.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "trainbench-torch-extensions"))
         import deepspeed
 
         config = deepspeed_config(knobs, total_params(model.cfg), max(p.numel() for p in model.parameters()))
