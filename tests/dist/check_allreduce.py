@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from tests.dist._exit import finish
+
 from bench.meters.comm import CommMeter
 from bench.theory import allreduce_bytes_sent
 from impl.allreduce import ALGORITHMS, validate_algorithm
@@ -26,7 +28,7 @@ def main() -> None:
         assert abs(max(everyone) / expected - 1) < 0.01, (name, everyone, expected)
         if rank == 0:
             print(f"OK {name} busiest rank sent {max(everyone)} bytes (theory {expected})")
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from tests.dist._exit import finish
 import torch.distributed._functional_collectives as fc
 from torch.nn.parallel import DistributedDataParallel
 
@@ -43,7 +45,7 @@ def main() -> None:
     assert y[0].item() == n and x[0].item() == n
     if rank == 0:
         print("OK", s)
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

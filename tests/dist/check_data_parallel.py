@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from tests.dist._exit import finish
 from torch.testing import assert_close
 
 from bench.meters.comm import CommMeter
@@ -47,7 +49,7 @@ def main() -> None:
     assert meter.summary()["all_reduce"]["calls"] == len(sync.buckets)
     if rank == 0:
         print(f"OK buckets={len(sync.buckets)}")
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

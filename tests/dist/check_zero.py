@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from tests.dist._exit import finish
+
 from bench.meters.memory import model_state_bytes
 from bench.theory import model_state_bytes as predicted
 from bench.workload import global_batch, local_batch, torch_optimizer
@@ -59,7 +61,7 @@ def main() -> None:
                 assert err < 1e-5, (stage, offload, name, err)
             if rank == 0:
                 print(f"OK stage={stage} offload={offload} state={state}")
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":
