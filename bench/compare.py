@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.knobs import identity
 from bench.results import read_records
 
 TEST_ONLY_KNOBS = ("fault",)
@@ -35,7 +36,7 @@ class Finding:
 
 
 def match_key(record: dict[str, Any]) -> str:
-    config = {k: v for k, v in record["config"].items() if k not in TEST_ONLY_KNOBS}
+    config = {k: v for k, v in identity(record["config"]).items() if k not in TEST_ONLY_KNOBS}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 

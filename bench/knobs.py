@@ -43,8 +43,13 @@ class Knobs(BaseModel):
     zero: Literal[0, 1, 2, 3] = 0
     offload: Literal["none", "optimizer", "optimizer+params"] = "none"
     checkpointing: Literal["none", "full", "selective"] = "none"
+    checkpoint_every: int = Field(default=1, strict=True, ge=1)
+    """With `checkpointing: full`, recompute every k-th block only (1 = all blocks)."""
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     optimizer: Optimizer = "adamw"
+    freeze_step: int = Field(default=1, strict=True, ge=1)
+    """1-bit Adam/LAMB: full-precision warm-up steps before the variance is
+    frozen and momentum is communicated compressed (DeepSpeed's `freeze_step`)."""
     fusion: Literal["none", "fused", "compile"] = "none"
     allreduce: Literal["backend", "ring", "tree", "ps", "ps_sharded"] = "backend"
     attention: Attention = "dense"
@@ -101,6 +106,10 @@ class Knobs(BaseModel):
             raise ValueError(
                 f"pp*virtual_stages = {self.pp * self.virtual_stages} exceeds the {cfg.n_layers} layers of {self.model!r}"
             )
+        if self.checkpoint_every > 1 and self.checkpointing != "full":
+            raise ValueError(f"checkpoint_every = {self.checkpoint_every} needs checkpointing = 'full'")
+        if self.checkpoint_every > cfg.n_layers:
+            raise ValueError(f"checkpoint_every = {self.checkpoint_every} exceeds the {cfg.n_layers} layers of {self.model!r}")
         if self.sequence_parallel == "megatron" and self.tp < 2:
             raise ValueError("sequence_parallel = 'megatron' needs tp >= 2")
         if self.offload == "optimizer" and self.zero < 1:
@@ -153,3 +162,11 @@ def _check_tp_mode(tp: int, mode: str, depth: int) -> None:
 
 
 KNOB_NAMES: tuple[str, ...] = tuple(Knobs.model_fields)
+_DEFAULTS = {name: field.default for name, field in Knobs.model_fields.items()}
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The knobs that make a cell what it is: resolved values that differ from
+    their defaults. Cell ids and `bench compare` hash this, so adding a knob
+    (with a default) to TrainBench leaves earlier ids and baselines matching."""
+    return {k: v for k, v in config.items() if k not in _DEFAULTS or v != _DEFAULTS[k]}

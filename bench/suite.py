@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bench.knobs import KNOB_NAMES, Knobs
+from bench.knobs import KNOB_NAMES, Knobs, identity
 
 MAX_CELLS = 1000
 """Matrices larger than this need ``--force`` (a typo can otherwise queue a night of runs)."""
@@ -77,7 +77,7 @@ class Cell:
 
 
 def cell_id(knobs: Knobs) -> str:
-    canonical = json.dumps(knobs.resolved(), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(identity(knobs.resolved()), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 

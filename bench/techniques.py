@@ -42,6 +42,7 @@ TECHNIQUES: tuple[Technique, ...] = (
     Technique("offload_params", "memory", _knob("offload", "optimizer+params")),
     Technique("checkpointing_full", "memory", _knob("checkpointing", "full")),
     Technique("checkpointing_selective", "memory", _knob("checkpointing", "selective")),
+    Technique("checkpointing_every_k", "memory", lambda k: k.checkpointing == "full" and k.checkpoint_every > 1),
     Technique("grad_accumulation", "memory", lambda k: k.pp == 1 and k.microbatches > 1),
     Technique("precision_fp16", "precision", _knob("precision", "fp16")),
     Technique("precision_bf16", "precision", _knob("precision", "bf16")),

@@ -58,3 +58,27 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 def total_params(cfg: ModelConfig) -> int:
     return matmul_params(cfg) + cfg.vocab_size * cfg.dim + (2 * cfg.n_layers + 1) * cfg.dim
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, in ``Decoder.named_parameters()`` order
+    (nn.Linear weights are (out, in)). Lets theory size per-tensor optimizer
+    state (Adafactor's factored moments, 8-bit Adam's blocks) without torch."""
+    d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention_norm.weight": (d,),
+            p + "attention.wq.weight": (cfg.n_heads * hd, d),
+            p + "attention.wk.weight": (cfg.n_kv_heads * hd, d),
+            p + "attention.wv.weight": (cfg.n_kv_heads * hd, d),
+            p + "attention.wo.weight": (d, cfg.n_heads * hd),
+            p + "ffn_norm.weight": (d,),
+            p + "feed_forward.w1.weight": (f, d),
+            p + "feed_forward.w3.weight": (f, d),
+            p + "feed_forward.w2.weight": (d, f),
+        })
+    shapes["norm.weight"] = (d,)
+    shapes["output.weight"] = (cfg.vocab_size, d)
+    return shapes

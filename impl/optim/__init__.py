@@ -1,0 +1,1 @@
+"""In-house optimizers, one file each; checked against references in tests/."""
