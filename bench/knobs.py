@@ -47,7 +47,7 @@ class Knobs(BaseModel):
     """With `checkpointing: full`, recompute every k-th block only (1 = all blocks)."""
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     optimizer: Optimizer = "adamw"
-    freeze_step: int = Field(default=1, strict=True, ge=1)
+    freeze_step: int = Field(default=10, strict=True, ge=1)
     """1-bit Adam/LAMB: full-precision warm-up steps before the variance is
     frozen and momentum is communicated compressed (DeepSpeed's `freeze_step`)."""
     fusion: Literal["none", "fused", "compile"] = "none"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import getpass
 import json
+import math
 import os
 import platform
 import re
@@ -52,7 +53,7 @@ class RunFile:
 
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record, allow_nan=False, default=_jsonable) + "\n").encode()
+        line = (json.dumps(finite(record), allow_nan=False, default=_jsonable) + "\n").encode()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -64,6 +65,27 @@ class RunFile:
 
     def records(self) -> list[dict[str, Any]]:
         return list(read_records(self.path)) if self.path.exists() else []
+
+
+def finite(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN/inf: each non-finite float becomes null and its path is
+    listed under ``nonfinite`` (a diverged loss is a result, not a crash)."""
+    paths: list[str] = []
+
+    def walk(v: Any, path: str) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            paths.append(f"{path}={v}")
+            return None
+        if isinstance(v, dict):
+            return {k: walk(x, f"{path}.{k}" if path else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x, f"{path}[{i}]") for i, x in enumerate(v)]
+        return v
+
+    out = walk(record, "")
+    if paths:
+        out["nonfinite"] = paths
+    return out
 
 
 def _heal_torn_tail(fd: int) -> None:

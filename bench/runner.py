@@ -138,7 +138,7 @@ class Runner:
     def _record(self, cell: Cell, *, status: str, reason: str | None, result: dict[str, Any] | None = None,
                 timing: dict[str, Any] | None = None, stderr_tail: str | None = None) -> dict[str, Any]:
         knobs = cell.knobs
-        theory = predict(knobs)
+        theory = predict(knobs, warmup=self.suite.warmup, steps=self.suite.steps)
         metrics = result["metrics"] if result else None
         return {
             "schema_version": SCHEMA_VERSION,

@@ -6,26 +6,63 @@ from __future__ import annotations
 
 from typing import Any
 
-THEORY_VERSION = "zero-sc20+korthikanti22+pipedream-v1"
+THEORY_VERSION = "zero-sc20+korthikanti22+pipedream+optimizer-state+onebit-v2"
 
 # Optimizer state bytes per parameter kept in fp32 (excluding a master copy).
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "lamb": 8, "lars": 4, "onebit_adam": 8, "onebit_lamb": 8}
+# 1-bit LAMB also keeps a fresh variance and the previous momentum (Li et al. 2021, Alg. 1).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "lamb": 8, "lars": 4, "onebit_adam": 8, "onebit_lamb": 16}
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+ADAM8BIT_BLOCK = 2048  # Dettmers et al. 2021: block-wise quantization, one fp32 absmax per block
+ADAM8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit state for tensors smaller than this
+
+
+def optimizer_state_bytes(shapes: dict[str, tuple[int, ...]], optimizer: str, *, dp: int = 1) -> float:
+    """Bytes of optimizer state for parameters of the given shapes (unsharded,
+    fp32 state, no master copy; per-tensor step counters not counted).
+
+    Adam/LAMB 8 B/param (two moments), SGD/LARS 4 (momentum); Adafactor keeps a
+    factored second moment, n+m floats per n×m matrix (Shazeer & Stern 2018)
+    and n per vector; 8-bit Adam 2 B/param plus two fp32 absmax per 2048-value
+    block, 8 B/param for tensors under 4096 values (Dettmers et al. 2021);
+    1-bit Adam/LAMB add the error-feedback buffers of the compressed
+    all-reduce: a worker error of Ψ and a server error of Ψ/N values (Tang et al. 2021)."""
+    total = 0.0
+    psi = 0
+    for shape in shapes.values():
+        n = 1
+        for d in shape:
+            n *= d
+        psi += n
+        if optimizer == "adafactor":
+            total += 4 * (shape[0] + shape[1]) if len(shape) == 2 else 4 * n
+        elif optimizer == "adam8bit":
+            total += 2 * n + 2 * 4 * -(-n // ADAM8BIT_BLOCK) if n >= ADAM8BIT_MIN_SIZE else 8 * n
+        elif optimizer in OPTIMIZER_STATE_BYTES:
+            total += OPTIMIZER_STATE_BYTES[optimizer] * n
+        else:
+            raise ValueError(f"no state-size formula for optimizer {optimizer!r}")
+    if optimizer.startswith("onebit"):
+        total += 4 * psi * (1 + 1 / dp)
+    return total
 
 
 def model_state_bytes(psi: float, *, zero: int, dp: int, precision: str = "fp16", optimizer: str = "adamw",
-                      offload: bool = False) -> dict[str, float]:
+                      offload: bool = False, optimizer_bytes: float | None = None) -> dict[str, float]:
     """Per-rank bytes of parameters, gradients and optimizer state under ZeRO
     (Rajbhandari et al. 2020, §5 and Fig. 1). Mixed precision keeps 16-bit
     params and grads plus an fp32 master copy inside K (Adam: K = 12);
     fp32 training keeps params 4Ψ, grads 4Ψ, Adam 8Ψ. With optimizer offload an
     fp32 run also keeps a host master copy of its shard (+4Ψ/N), since a CPU
-    optimizer cannot update device parameters in place."""
-    if optimizer not in OPTIMIZER_STATE_BYTES:
+    optimizer cannot update device parameters in place. ``optimizer_bytes``
+    (from ``optimizer_state_bytes``) replaces K·Ψ for optimizers whose state is
+    not a fixed number of bytes per parameter."""
+    if optimizer_bytes is None and optimizer not in OPTIMIZER_STATE_BYTES:
         raise ValueError(f"no state-size formula for optimizer {optimizer!r}")
     w = PRECISION_BYTES[precision]
-    k = OPTIMIZER_STATE_BYTES[optimizer] + (4 if precision != "fp32" or offload else 0)
-    params, grads, opt = w * psi, w * psi, k * psi
+    master = 4 if precision != "fp32" or offload else 0
+    if optimizer_bytes is None:
+        optimizer_bytes = OPTIMIZER_STATE_BYTES[optimizer] * psi
+    params, grads, opt = w * psi, w * psi, optimizer_bytes + master * psi
     if zero >= 1:
         opt /= dp
     if zero >= 2:
@@ -98,9 +135,32 @@ def activation_bytes_per_layer(*, s: int, b: int, h: int, a: int, tp: int = 1, s
     return per * scale
 
 
-def predict(knobs: Any) -> dict[str, Any]:
-    """The theory block of one record (None where a formula does not apply yet)."""
-    from impl.model_config import PRESETS, total_params
+def onebit_comm_bytes(psi: int, dp: int, *, compressed: bool, bytes_per_grad: int = 4) -> float:
+    """Bus bytes per rank of one 1-bit Adam/LAMB step (Tang et al. 2021): a warm-up
+    step all-reduces the gradients, 2Ψ(N−1)/N values; a compressed step sends
+    the momentum's signs, 1 bit per value (Ψ padded to a multiple of 8N), plus
+    one fp32 scale per rank, once in an all-to-all and once in an all-gather,
+    each ×(N−1)/N."""
+    if dp == 1:
+        return 0.0
+    if not compressed:
+        return 2 * psi * (dp - 1) / dp * bytes_per_grad
+    padded = -(-psi // (8 * dp)) * 8 * dp
+    return 2 * (padded // 8 + 4 * dp) * (dp - 1) / dp
+
+
+def onebit_volume_reduction(warmup_fraction: float, compression: float) -> float:
+    """Whole-run volume of full-precision ÷ 1-bit training: 1/(w + (1−w)/r) for
+    warm-up fraction w and per-step compression r (DESIGN.md's r = 16 is
+    against fp16 gradients; against fp32 r ≈ 32)."""
+    return 1 / (warmup_fraction + (1 - warmup_fraction) / compression)
+
+
+def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) -> dict[str, Any]:
+    """The theory block of one record (None where a formula does not apply yet).
+    ``warmup``/``steps`` (the run's) place the metered step, the last warm-up
+    step, relative to 1-bit optimizers' ``freeze_step``."""
+    from impl.model_config import PRESETS, param_shapes, total_params
 
     cfg = PRESETS[knobs.model]
     psi = total_params(cfg)
@@ -111,11 +171,14 @@ def predict(knobs: Any) -> dict[str, Any]:
         comm = allreduce_bytes_sent(knobs.message_bytes, knobs.world_size, knobs.allreduce)
     elif pure_dp and knobs.zero == 0 and knobs.allreduce != "backend":
         comm = allreduce_bytes_sent(psi * elem, knobs.dp, knobs.allreduce)
+    elif pure_dp and knobs.optimizer.startswith("onebit") and knobs.zero == 0 and warmup is not None:
+        comm = onebit_comm_bytes(psi, knobs.dp, compressed=warmup > knobs.freeze_step)
     elif pure_dp:
         comm = dp_comm_elements(psi, zero=knobs.zero, dp=knobs.dp, microbatches=knobs.microbatches) * elem
     try:
+        opt_bytes = optimizer_state_bytes(param_shapes(cfg), knobs.optimizer, dp=knobs.dp)
         state = model_state_bytes(psi, zero=knobs.zero, dp=knobs.dp, precision=knobs.precision,
-                                  optimizer=knobs.optimizer, offload=knobs.offload != "none")
+                                  optimizer=knobs.optimizer, offload=knobs.offload != "none", optimizer_bytes=opt_bytes)
     except ValueError:
         state = None
     if state is not None and not pure_dp:
@@ -126,7 +189,13 @@ def predict(knobs: Any) -> dict[str, Any]:
         sequence_parallel=knobs.sequence_parallel == "megatron", recompute=knobs.checkpointing,
         bytes_per_value=elem,
     )
+    extra = {}
+    if knobs.optimizer.startswith("onebit") and knobs.dp > 1 and warmup is not None and steps is not None:
+        r = onebit_comm_bytes(psi, knobs.dp, compressed=False) / onebit_comm_bytes(psi, knobs.dp, compressed=True)
+        w = min(1.0, knobs.freeze_step / (warmup + steps))
+        extra = {"onebit_step_compression": r, "onebit_run_volume_reduction": onebit_volume_reduction(w, r)}
     return {
+        **extra,
         "version": THEORY_VERSION,
         "params": psi,
         "comm_bytes_per_step": comm,

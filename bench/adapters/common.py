@@ -23,9 +23,11 @@ def accumulating_step(
     *,
     microbatches: int,
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
+    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable[[Batch], torch.Tensor]:
     """Forward/backward over `microbatches` slices (gradients synchronised only
-    on the last), then one optimizer step. Returns the mean loss."""
+    on the last), then one optimizer step. Returns the mean loss.
+    ``scale_loss`` multiplies the loss before backward (dynamic loss scaling)."""
 
     def step(batch: Batch) -> torch.Tensor:
         optimizer.zero_grad()
@@ -35,7 +37,7 @@ def accumulating_step(
             ctx = no_sync() if i < len(parts) - 1 else nullcontext()
             with ctx:
                 loss = lm_loss(forward(mb.inputs), mb.targets) / len(parts)
-                loss.backward()
+                (scale_loss(loss) if scale_loss else loss).backward()
             total += loss.detach().float().cpu()
         optimizer.step()
         return total

@@ -11,10 +11,13 @@ import torch.distributed as dist
 
 from bench.adapters.base import Adapter, Capabilities, TrainStep, runs_everywhere
 from bench.adapters.common import accumulating_step
+from bench.adapters.inhouse_optimizers import ELEMENTWISE, NOTES, extra_state, make_optimizer
 from bench.knobs import Knobs
-from bench.workload import torch_optimizer
 from impl.allreduce import ALGORITHMS, validate_algorithm
+from impl.checkpointing import apply_activation_checkpointing
 from impl.data_parallel import apply_data_parallel
+from impl.fusion import apply_fusion, compile_blocks, validate_fusion
+from impl.mixed_precision import MasterWeightOptimizer
 from impl.model import Decoder
 from impl.parallel_dims import ParallelDims
 from impl.zero import apply_zero
@@ -27,43 +30,112 @@ class InhouseAdapter(Adapter):
         runs=runs_everywhere(
             "data_parallel", "grad_accumulation", "zero1", "zero2", "zero3", "offload_optimizer",
             "allreduce_ring", "allreduce_tree", "allreduce_ps", "allreduce_ps_sharded", "precision_bf16",
-            "optimizer_adamw", "optimizer_sgd", "device_cuda",
+            "precision_fp16", "checkpointing_full", "checkpointing_selective", "checkpointing_every_k",
+            *(f"optimizer_{o}" for o in NOTES), "fusion_fused", "fusion_compile", "device_cuda",
         ),
     )
 
     def why_not(self, knobs: Knobs) -> str | None:
         if knobs.offload == "optimizer+params":
             return "offload_params: parameter offload (ZeRO-Infinity style) is not implemented in impl/zero.py"
-        if knobs.precision == "bf16" and not knobs.zero:
-            return "precision_bf16: in-house mixed precision (fp32 master weights) comes with ZeRO; use zero >= 1"
+        if knobs.precision == "fp16" and knobs.zero:
+            return "precision_fp16: impl/zero.py has no loss scaler yet; fp16 runs with zero = 0, bf16 with ZeRO"
         if knobs.allreduce != "backend" and knobs.zero:
             return f"allreduce_{knobs.allreduce}: ZeRO uses reduce-scatter/all-gather, not all-reduce; use zero = 0"
+        if knobs.zero and knobs.optimizer not in ELEMENTWISE:
+            return (f"optimizer_{knobs.optimizer}: ZeRO steps flat shards that cut across tensors; "
+                    f"{knobs.optimizer} needs whole tensors (factored moments, per-layer norms or its own "
+                    f"all-reduce); ZeRO runs {', '.join(ELEMENTWISE)}")
+        if knobs.optimizer.startswith("onebit") and knobs.allreduce != "backend":
+            return f"allreduce_{knobs.allreduce}: 1-bit optimizers communicate through their compressed all-reduce"
+        if knobs.fusion == "fused" and knobs.zero:
+            return "fusion_fused: the packed SwiGLU weights would be re-pointed into ZeRO's flat buffers; use zero = 0"
         return super().why_not(knobs)
 
     def build(self, knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
-        notes = {"model_type": "impl.model.Decoder"}
-        # Data parallelism (plain or ZeRO) goes on last: it must see the final
-        # parameters after any technique that replaces or shards them.
+        notes: dict = {"model_type": "impl.model.Decoder", "optimizer_impl": NOTES[knobs.optimizer]}
+        # Plan order (torchtitan's): op fusion (it replaces block forwards) →
+        # activation checkpointing (wraps those forwards) → compile → mixed
+        # precision → data parallel or ZeRO, last, since it must see the final
+        # parameters.
+        if knobs.fusion == "fused":
+            notes["fusion"] = _fuse(model, device)
+        if knobs.checkpointing != "none":
+            wrapped = apply_activation_checkpointing(model, knobs.checkpointing, every=knobs.checkpoint_every)
+            notes["checkpointing"] = (f"{knobs.checkpointing}: {wrapped} of {len(model.layers)} blocks "
+                                      + ("recompute whole blocks" if knobs.checkpointing == "full"
+                                         else "recompute the attention core"))
+        if knobs.fusion == "compile":
+            notes["fusion"] = {"compiled_blocks": compile_blocks(model), "backend": "inductor"}
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(knobs.precision)
         if knobs.zero:
             # Mixed precision: 16-bit parameters and gradients, fp32 master shards.
-            param_dtype = torch.bfloat16 if knobs.precision == "bf16" else torch.float32
+            param_dtype = dtype or torch.float32
             model.to(param_dtype)
             zero = apply_zero(model, stage=knobs.zero, group=dist.group.WORLD, param_dtype=param_dtype,
                               offload_optimizer=knobs.offload == "optimizer")
-            optimizer = zero.make_optimizer(lambda shards: torch_optimizer(knobs.optimizer, shards))
+            optimizer = zero.make_optimizer(lambda shards: make_optimizer(knobs.optimizer, _unnamed(shards)))
             step = accumulating_step(model, zero, microbatches=knobs.microbatches, no_sync=zero.no_sync)
             notes["zero_units"] = len(zero.units)
             return TrainStep(step, modules=[model], optimizers=[optimizer], notes=notes, state=zero.state_tensors)
+
+        names = [n for n, _ in model.named_parameters()]
+        onebit = knobs.optimizer.startswith("onebit")
+        group = dist.group.WORLD if dims.dp > 1 else None
+
+        def inner(params):
+            return make_optimizer(knobs.optimizer, zip(names, params), group=group, freeze_step=knobs.freeze_step,
+                                  fused=knobs.fusion != "none")
+
+        if dtype is not None:
+            # fp32 masters are taken before the cast; 16-bit parameters mean 16-bit
+            # gradient traffic. fp16 adds dynamic loss scaling (DeepSpeed's rules);
+            # a 1-bit optimizer's ranks must agree on skipped steps, hence the group.
+            optimizer = MasterWeightOptimizer.from_fp32_model(model, dtype, inner, group=group if onebit else None)
+            notes["precision"] = f"{dtype} parameters and gradients, fp32 masters" + (
+                ", dynamic loss scaling from 2^16" if dtype == torch.float16 else "")
+        else:
+            optimizer = inner(list(model.parameters()))
         sync = None
-        if dims.dp > 1:
+        if dims.dp > 1 and onebit:
+            notes["data_parallel"] = "none: the 1-bit optimizer all-reduces gradients (warm-up) or momentum (compressed)"
+        elif dims.dp > 1:
             kwargs = {}
             if knobs.allreduce != "backend":
                 validate_algorithm(knobs.allreduce)  # checked against the backend before it is timed
                 kwargs["all_reduce"] = ALGORITHMS[knobs.allreduce]
                 notes["allreduce"] = f"impl.allreduce.{knobs.allreduce} (synchronous in the hook: no overlap)"
             sync = apply_data_parallel(model, group=dist.group.WORLD, **kwargs)
-        optimizer = torch_optimizer(knobs.optimizer, model.parameters())
         step = accumulating_step(
-            model, optimizer, microbatches=knobs.microbatches, no_sync=sync.no_sync if sync else nullcontext
+            model, optimizer, microbatches=knobs.microbatches, no_sync=sync.no_sync if sync else nullcontext,
+            scale_loss=getattr(optimizer, "scale", None),
         )
-        return TrainStep(step, modules=[model], optimizers=[optimizer], notes=notes)
+        return TrainStep(step, modules=[model], optimizers=[getattr(optimizer, "inner", optimizer)], notes=notes,
+                         state=lambda: _state(model, optimizer))
+
+
+def _unnamed(params):
+    return ((f"shard{i}", p) for i, p in enumerate(params))
+
+
+def _fuse(model: Decoder, device: torch.device) -> dict:
+    """Fused forwards, checked against an unfused twin before anything is timed."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    notes = apply_fusion(model, "fused")
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0)).to(device)
+    notes["validated_max_rel_error"] = validate_fusion(model, reference, tokens)
+    notes.pop("optimizer_kwargs", None)
+    return notes
+
+
+def _state(model: Decoder, optimizer) -> dict:
+    from bench.meters.memory import default_state_tensors
+
+    if hasattr(optimizer, "state_tensors"):  # master weights: 16-bit params/grads, masters in "optimizer"
+        state = optimizer.state_tensors()
+    else:
+        state = default_state_tensors([model], [optimizer])
+    state["optimizer"] = list(state["optimizer"]) + extra_state(optimizer)
+    return state

@@ -131,6 +131,24 @@ def theory_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def optimizer_state_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Optimizer-state bytes per parameter held on a rank, measured and predicted
+    (8-bit Adam ≈ 2, Adam 8, Adafactor O(n+m) per n×m matrix; DESIGN.md)."""
+    rows = []
+    for r in records:
+        m, t, c = r.get("metrics") or {}, r.get("theory") or {}, r["config"]
+        measured = (m.get("model_state_bytes") or {}).get("optimizer")
+        predicted = (t.get("model_state_bytes") or {}).get("optimizer")
+        if r["status"] != "ok" or measured is None or not t.get("params"):
+            continue
+        local = t["params"] / (c["dp"] if c["zero"] >= 1 else 1)
+        rows.append({"cell": r["cell_id"], "adapter": r["adapter"], "optimizer": c["optimizer"],
+                     "precision": c["precision"], "zero": c["zero"], "measured_per_param": measured / local,
+                     "predicted_per_param": predicted / local if predicted else None,
+                     "ratio": measured / predicted if predicted else None})
+    return rows
+
+
 def write_report(results_file: Path, out_root: Path) -> Path:
     records = list(read_records(results_file))
     if not records:
@@ -150,6 +168,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
     html = _TEMPLATES.get_template("report.html.j2").render(
         suite=suite, run_id=run_id, env=records[0]["env"], table=df[columns].to_dict("records"), columns=columns,
         failures=[r for r in records if r["status"] != "ok"], theory=theory_rows(records), plots=plots,
+        optimizer_state=optimizer_state_rows(records),
         sources=sorted({(r["metrics"] or {}).get("peak_mem_source") for r in records if r.get("metrics")} - {None}),
         peak_sources=sorted({(r["metrics"] or {}).get("peak_flops_source") for r in records if r.get("metrics")} - {None}),
     )
