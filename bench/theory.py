@@ -156,6 +156,58 @@ def onebit_volume_reduction(warmup_fraction: float, compression: float) -> float
     return 1 / (warmup_fraction + (1 - warmup_fraction) / compression)
 
 
+def activation_values_per_layer(cfg: Any, s: int, b: int, recompute: str = "none", *,
+                                attention_core: str = "fused") -> int:
+    """Values (elements) one ``impl.model.Block`` keeps for backward, fp32 training.
+
+    h = dim, f = ffn_dim, a = n_heads, sbh = s·b·h.
+    Walking ``Block.forward`` (the saved tensors of each op; autograd saves an
+    operand only when the *other* operand needs its gradient):
+
+    * RMSNorm ×2: its input x (pow and mul save it), x·rsqrt (saved by ·weight),
+      and rsqrt (s·b)                                      → 2·(2·sbh + s·b)
+    * wq/wk/wv save the normed input; wo saves the re-laid-out core output
+                                                           → 2·sbh
+    * RoPE saves nothing of size sbh: x1·cos needs only cos (a buffer) for
+      x1's gradient                                        → 0
+    * FFN (SwiGLU): w1 and w3 share the normed input (sbh); silu saves w1x;
+      the product saves silu(w1x) and w3x; w2 saves the product
+                                                           → sbh + 4·s·b·f
+    * core inputs q, k, v after RoPE and the GQA repeat (full n_heads width
+      whatever n_kv_heads is; the narrower pre-repeat k, v are not kept)
+                                                           → 3·sbh
+    * core internals: ``fused`` (``F.scaled_dot_product_attention``, which on CPU
+      runs the flash kernel) saves its output and the log-sum-exp:
+      sbh + a·s·b; ``eager`` (softmax(q·kᵀ/√d + mask)·v) saves the probabilities
+      a·s²·b — Korthikanti et al. 2022's 5·a·s/h term, here 1·a·s²·b in fp32.
+
+    Total (fused): 11·sbh + 4·s·b·f + 2·s·b + a·s·b (tiny: f = 3h → ≈ 23·sbh).
+    This is the fp32 analogue of Korthikanti's 34·sbh for GPT (4h GeLU MLP,
+    dropout masks, 16-bit values counted as 2 bytes each); SwiGLU's extra
+    branch and RMSNorm's fp32 x·rsqrt make the difference.
+
+    ``recompute``: ``"full"`` keeps only the block input (sbh; Chen et al. 2016);
+    ``"selective"`` checkpoints the attention core (Korthikanti §4.2), which
+    keeps its inputs q, k, v and drops only the core internals — with a fused
+    (flash) core that is sbh + a·s·b, not an s² term, because the flash kernel
+    stores no s² tensor in the first place.
+    """
+    if recompute not in ("none", "full", "selective"):
+        raise ValueError(f"recompute must be none, full or selective, not {recompute!r}")
+    if attention_core not in ("fused", "eager"):
+        raise ValueError(f"attention_core must be fused or eager, not {attention_core!r}")
+    h, f, a = cfg.dim, cfg.ffn_dim, cfg.n_heads
+    sbh, sb = s * b * h, s * b
+    if recompute == "full":
+        return sbh
+    outside_core = 2 * (2 * sbh + sb) + 2 * sbh + sbh + 4 * s * b * f  # norms, linear inputs, SwiGLU
+    core_inputs = 3 * sbh
+    core_internal = sbh + a * s * b if attention_core == "fused" else a * s * s * b
+    if recompute == "selective":
+        core_internal = 0
+    return int(outside_core + core_inputs + core_internal)
+
+
 def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) -> dict[str, Any]:
     """The theory block of one record (None where a formula does not apply yet).
     ``warmup``/``steps`` (the run's) place the metered step, the last warm-up
@@ -202,7 +254,19 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
         "model_state_bytes": state,
         "bubble_fraction": bubble_fraction(knobs.pp, knobs.microbatches, knobs.pp_schedule, knobs.virtual_stages),
         "activation_bytes": act,
+        "activation_bytes_model": _model_activation_bytes(knobs, cfg, micro_b) if pure_dp else None,
     }
+
+
+def _model_activation_bytes(knobs: Any, cfg: Any, micro_b: int) -> float:
+    """This decoder's activations for one micro-batch on one rank (fp32 values;
+    ``activation_values_per_layer``), with every ``checkpoint_every``-th block
+    keeping only its input under full recompute."""
+    s = knobs.seq_len
+    plain = activation_values_per_layer(cfg, s, micro_b, "none")
+    wrapped = cfg.n_layers // knobs.checkpoint_every if knobs.checkpointing != "none" else 0
+    kept = activation_values_per_layer(cfg, s, micro_b, knobs.checkpointing) if wrapped else 0
+    return 4.0 * ((cfg.n_layers - wrapped) * plain + wrapped * kept)
 
 
 def ratios(metrics: dict[str, Any], theory: dict[str, Any]) -> dict[str, float | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,32 @@ def optimizer_state_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def checkpointing_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each checkpointed cell beside its twin without checkpointing (same knobs
+    otherwise): the measured fall in peak memory ÷ the predicted fall in
+    activation bytes (``theory.activation_bytes_model``)."""
+    def key(c: dict) -> str:
+        return json.dumps({k: v for k, v in c.items() if k not in ("checkpointing", "checkpoint_every")}, sort_keys=True)
+
+    ok = [r for r in records if r["status"] == "ok" and (r.get("metrics") or {}).get("peak_mem_bytes")]
+    plain = {key(r["config"]): r for r in ok if r["config"]["checkpointing"] == "none"}
+    rows = []
+    for r in ok:
+        twin = plain.get(key(r["config"]))
+        if r["config"]["checkpointing"] == "none" or twin is None:
+            continue
+        measured = twin["metrics"]["peak_mem_bytes"] - r["metrics"]["peak_mem_bytes"]
+        t0, t1 = (twin.get("theory") or {}).get("activation_bytes_model"), (r.get("theory") or {}).get("activation_bytes_model")
+        predicted = t0 - t1 if t0 is not None and t1 is not None else None
+        rows.append({"cell": r["cell_id"], "twin": twin["cell_id"], "adapter": r["adapter"],
+                     "mode": f"{r['config']['checkpointing']}" + (f" every {r['config']['checkpoint_every']}"
+                                                                   if r["config"]["checkpoint_every"] > 1 else ""),
+                     "peak_mib": r["metrics"]["peak_mem_bytes"] / 2**20, "twin_peak_mib": twin["metrics"]["peak_mem_bytes"] / 2**20,
+                     "measured_drop_mib": measured / 2**20, "predicted_drop_mib": predicted / 2**20 if predicted else None,
+                     "ratio": measured / predicted if predicted else None})
+    return rows
+
+
 def write_report(results_file: Path, out_root: Path) -> Path:
     records = list(read_records(results_file))
     if not records:
@@ -168,7 +195,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
     html = _TEMPLATES.get_template("report.html.j2").render(
         suite=suite, run_id=run_id, env=records[0]["env"], table=df[columns].to_dict("records"), columns=columns,
         failures=[r for r in records if r["status"] != "ok"], theory=theory_rows(records), plots=plots,
-        optimizer_state=optimizer_state_rows(records),
+        optimizer_state=optimizer_state_rows(records), checkpointing=checkpointing_rows(records),
         sources=sorted({(r["metrics"] or {}).get("peak_mem_source") for r in records if r.get("metrics")} - {None}),
         peak_sources=sorted({(r["metrics"] or {}).get("peak_flops_source") for r in records if r.get("metrics")} - {None}),
     )
