@@ -6,7 +6,10 @@ gathered between forward and backward, like ZeRO-2); zero 3 → FSDP2 with
 ``reshard_after_forward=True``. ``offload: optimizer+params`` → FSDP2's
 ``CPUOffloadPolicy``; bf16 → ``MixedPrecisionPolicy`` under FSDP2, autocast
 otherwise; fp16 → autocast + ``GradScaler``; checkpointing → per-block
-``torch.utils.checkpoint``.
+``torch.utils.checkpoint``; tp > 1 → DTensor tensor (+ sequence) parallelism
+(``torch_tp``), on a ("dp", "tp") mesh with FSDP2 when zero ≥ 2; pp > 1 →
+``torch.distributed.pipelining`` (``torch_pp``); ``fusion: compile`` →
+``torch.compile`` per block.
 """
 from __future__ import annotations
 
@@ -35,9 +38,19 @@ class TorchAdapter(Adapter):
                 "precision_bf16", "precision_fp16", "checkpointing_full", "optimizer_adamw", "optimizer_sgd",
                 "optimizer_adafactor",
             ),
+            **runs_everywhere(
+                "tensor_parallel_1d", "sequence_parallel_megatron", "pipeline_gpipe", "pipeline_1f1b",
+                "pipeline_interleaved", "pipeline_zbv", "fusion_compile",
+            ),
             "device_cuda": ALL_DEVICES,
         },
         reasons={
+            **{f"tensor_parallel_{m}": "torch has only 1D DTensor TP (Colwise/Rowwise); no 2D/2.5D/3D grids"
+               for m in ("2d", "2.5d", "3d")},
+            "sequence_parallel_ring": "not wired: torch's ring attention is the experimental context_parallel API, "
+                                      "which this adapter does not use",
+            "pipeline_pipedream": "torch.distributed.pipelining has no asynchronous PipeDream schedule "
+                                  "(weight stashing); its schedules all flush each step",
             "allreduce_ring": "PyTorch uses its backend's all-reduce (NCCL/gloo choose the algorithm)",
             "allreduce_tree": "PyTorch uses its backend's all-reduce (NCCL/gloo choose the algorithm)",
             "allreduce_ps": "PyTorch has no parameter-server all-reduce",
@@ -51,17 +64,47 @@ class TorchAdapter(Adapter):
                     "(CPUOffloadPolicy); use offload: optimizer+params with zero: 3")
         if knobs.precision == "fp16" and knobs.zero >= 2:
             return "precision_fp16: FSDP2 needs ShardedGradScaler for fp16; not wired yet (bf16 works)"
+        if knobs.tp > 1 and knobs.dp > 1 and knobs.zero < 2:
+            return ("tensor_parallel_1d with dp > 1 needs zero: 2 or 3 (FSDP2 on a (dp, tp) mesh); DDP or "
+                    "ZeroRedundancyOptimizer over DTensor parameters is not wired")
+        if knobs.fusion == "compile" and knobs.tp > 1:
+            return ("fusion_compile with tp > 1: per-block torch.compile of DTensor-parallel blocks fails in "
+                    "backward on torch 2.13 (DTensor Redistribute backward receives a plain Tensor gradient)")
+        if knobs.pp > 1:
+            from bench.adapters.torch_pp import why_not_pipeline
+
+            why = why_not_pipeline(knobs)
+            if why:
+                return why
         return super().why_not(knobs)
 
     def build(self, knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
         notes: dict[str, Any] = {"model_type": "impl.model.Decoder"}
-        # Plan order (torchtitan's): activation checkpointing → data parallel wrapper.
-        if knobs.checkpointing == "full":
-            _checkpoint_blocks(model)
-            notes["checkpointing"] = "torch.utils.checkpoint per block (use_reentrant=False)"
+        # Plan order (torchtitan's): tensor parallel → activation checkpointing →
+        # compile → data parallel wrapper. TP first, so checkpointing and compile
+        # see the sharded blocks; FSDP last, so it shards the DTensor weights
+        # along the dp mesh dimension. A pipeline splits the model instead.
+        if dims.pp > 1:
+            from bench.adapters.torch_pp import build_pipeline
+
+            _checkpoint_and_compile(model, knobs, notes)
+            return build_pipeline(knobs, model, dims, device, notes)
+        dp_mesh = None
+        if dims.tp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from bench.adapters.torch_tp import apply_tensor_parallel
+
+            mesh = init_device_mesh(device.type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+            dp_mesh = mesh["dp"]
+            sp = knobs.sequence_parallel == "megatron"
+            apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sp)
+            notes["tensor_parallel"] = f"DTensor parallelize_module, torchtitan Llama plan (tp={dims.tp}" + (
+                ", SequenceParallel norms)" if sp else ")")
+        _checkpoint_and_compile(model, knobs, notes)
         forward, no_sync, optimizer, stepper = model, nullcontext, None, None
         if knobs.zero >= 2:
-            forward, no_sync = _apply_fsdp2(model, knobs, dims, device, notes)
+            forward, no_sync = _apply_fsdp2(model, knobs, dims, device, notes, dp_mesh)
             optimizer = torch_optimizer(knobs.optimizer, model.parameters())
         elif dims.dp > 1:
             # DDP's defaults (25 MB buckets) except broadcast_buffers: the model's
@@ -82,6 +125,11 @@ class TorchAdapter(Adapter):
                                        "broadcasts each updated shard from its owner (Ψ): more than ZeRO-1's RS+AG 2Ψ(N−1)/N")
         if optimizer is None:
             optimizer = torch_optimizer(knobs.optimizer, model.parameters())
+        update = optimizer
+        if dims.tp > 1 and knobs.zero < 2:
+            from bench.adapters.torch_tp import ReduceGradsThenStep
+
+            update = ReduceGradsThenStep(optimizer)
         if knobs.precision != "fp32" and knobs.zero < 2:
             dtype = torch.bfloat16 if knobs.precision == "bf16" else torch.float16
             autocast = lambda: torch.autocast(device.type, dtype=dtype)  # noqa: E731
@@ -91,11 +139,23 @@ class TorchAdapter(Adapter):
             if knobs.precision == "fp16":
                 stepper = _ScaledStep(optimizer, torch.amp.GradScaler(device.type))
                 notes["precision"] += ", GradScaler"
-            step = _autocast_step(forward, stepper or optimizer, autocast, knobs.microbatches, no_sync)
+            step = _autocast_step(forward, stepper or update, autocast, knobs.microbatches, no_sync)
         else:
-            step = accumulating_step(forward, optimizer, microbatches=knobs.microbatches, no_sync=no_sync)
+            step = accumulating_step(forward, update, microbatches=knobs.microbatches, no_sync=no_sync)
         return TrainStep(step, modules=[model], optimizers=[optimizer], notes=notes,
                          state=_zero1_state(model, optimizer) if knobs.zero == 1 else None)
+
+
+def _checkpoint_and_compile(model: Decoder, knobs: Knobs, notes: dict) -> None:
+    if knobs.checkpointing == "full":
+        _checkpoint_blocks(model)
+        notes["checkpointing"] = "torch.utils.checkpoint per block (use_reentrant=False)"
+    if knobs.fusion == "compile":
+        # Per block, as torchtitan does: every block has the same code, so the
+        # first compilation is reused and a graph break stays local to a block.
+        for block in model.layers:
+            block.compile()
+        notes["fusion"] = "torch.compile per block (nn.Module.compile, inductor)"
 
 
 def _checkpoint_blocks(model: Decoder) -> None:
@@ -106,11 +166,11 @@ def _checkpoint_blocks(model: Decoder) -> None:
         block.forward = lambda *args, _f=inner: checkpoint(_f, *args, use_reentrant=False)
 
 
-def _apply_fsdp2(model: Decoder, knobs: Knobs, dims: ParallelDims, device: torch.device, notes: dict):
+def _apply_fsdp2(model: Decoder, knobs: Knobs, dims: ParallelDims, device: torch.device, notes: dict, mesh=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (dims.dp,))
+    mesh = mesh if mesh is not None else init_device_mesh(device.type, (dims.dp,))
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": knobs.zero == 3}
     if knobs.precision == "bf16":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
