@@ -54,6 +54,10 @@ def optimizer_spec(name: str) -> tuple[type[torch.optim.Optimizer], dict]:
         return torch.optim.SGD, {"lr": LR, "momentum": SGD_MOMENTUM}
     if name == "adafactor":
         return torch.optim.Adafactor, {"lr": LR, "weight_decay": WEIGHT_DECAY}
+    if name == "adam8bit":  # what PyTorch users reach for: bitsandbytes (block 256 in 0.50, CPU kernels)
+        from bitsandbytes.optim import AdamW8bit
+
+        return AdamW8bit, {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY}
     raise ValueError(f"optimizer {name!r} is not a torch optimizer")
 
 

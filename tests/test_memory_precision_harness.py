@@ -20,6 +20,7 @@ matrix:
   optimizer: [adamw, adam8bit, onebit_adam, adafactor]
 include:
   - {adapter: torch, optimizer: adafactor}
+  - {adapter: torch, optimizer: adam8bit}
   - {precision: fp16}
   - {precision: bf16}
   - {zero: 2, optimizer: lamb}
@@ -64,7 +65,10 @@ def test_optimizers_against_references(recs):
     ours, torch_af = (_losses(_find(recs, adapter=a, optimizer="adafactor")) for a in ("inhouse", "torch"))
     assert _close(ours, torch_af, 0) < 1e-5
     # 8-bit states and 1-bit compressed momentum track fp32 AdamW (measured: ≤ 0.1 %).
-    assert _close(_losses(_find(recs, optimizer="adam8bit")), adamw, 0) < 0.01
+    ours8, bnb8 = (_losses(_find(recs, adapter=a, optimizer="adam8bit")) for a in ("inhouse", "torch"))
+    assert _close(ours8, adamw, 0) < 0.01
+    # bitsandbytes' AdamW8bit (block 256, its own rounding) on the torch adapter: measured 1.2e-5.
+    assert _close(ours8, bnb8, 0) < 1e-4
     assert _close(_losses(_find(recs, optimizer="onebit_adam")), adamw, 0) < 0.01
 
 

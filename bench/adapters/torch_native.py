@@ -36,7 +36,7 @@ class TorchAdapter(Adapter):
             **runs_everywhere(
                 "data_parallel", "grad_accumulation", "zero1", "zero2", "zero3", "offload_optimizer", "offload_params",
                 "precision_bf16", "precision_fp16", "checkpointing_full", "optimizer_adamw", "optimizer_sgd",
-                "optimizer_adafactor",
+                "optimizer_adafactor", "optimizer_adam8bit",
             ),
             **runs_everywhere(
                 "tensor_parallel_1d", "sequence_parallel_megatron", "pipeline_gpipe", "pipeline_1f1b",
