@@ -151,10 +151,14 @@ class ZeroDataParallel:
 
     def __init__(self, model: nn.Module, units: list[list[nn.Module]], *, stage: int, group=None,
                  param_dtype: torch.dtype = torch.float32, offload_optimizer: bool = False,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, scaler=None) -> None:
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
         self.model, self.stage, self.group, self.prefetch = model, stage, group, prefetch
+        # fp16: an impl.mixed_precision.DynamicLossScaler; every rank checks its
+        # own gradient shards and the flag is all-reduced, so all skip together.
+        self.scaler = scaler
+        self.skipped_steps = 0
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         src = dist.get_global_rank(group, 0) if group is not None else 0
         for p in model.parameters():  # identical starting weights, as DDP does
@@ -237,10 +241,24 @@ class ZeroDataParallel:
                 for p in unit.params:
                     p.grad = None
 
-    def step(self) -> None:
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to differentiate: × the loss scale with fp16, else unchanged."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def step(self) -> bool:
+        """One update of the owned shards; False when fp16 overflow skipped it."""
         for unit in self.units:
             g = unit.grad_shard if unit.grad_shard is not None else torch.zeros_like(unit.master)
             unit.master.grad = g.to(unit.master.dtype)
+        if self.scaler is not None:
+            group = self.group if self.group is not None else dist.group.WORLD
+            found_inf = self.scaler.unscale_and_check([u.master.grad for u in self.units], group=group)
+            self.scaler.update(found_inf)
+            if found_inf:  # parameters, masters and optimizer state untouched
+                self.skipped_steps += 1
+                for unit in self.units:
+                    unit.master.grad = None
+                return False
         self.optimizer.step()
         for unit in self.units:
             unit.master.grad = None  # the fp32 upcast is transient
@@ -251,6 +269,7 @@ class ZeroDataParallel:
             if self.stage < 3:
                 # Parameters are views of `full`; gather every rank's updated shard.
                 dist.all_gather_into_tensor(unit.full, unit.shard.clone(), group=self.group)
+        return True
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         """What this rank holds, for the harness's model-state meter."""
@@ -270,6 +289,6 @@ def decoder_units(model: nn.Module) -> list[list[nn.Module]]:
 
 
 def apply_zero(model: nn.Module, *, stage: int, group=None, param_dtype: torch.dtype = torch.float32,
-               offload_optimizer: bool = False) -> ZeroDataParallel:
+               offload_optimizer: bool = False, scaler=None) -> ZeroDataParallel:
     return ZeroDataParallel(model, decoder_units(model), stage=stage, group=group, param_dtype=param_dtype,
-                            offload_optimizer=offload_optimizer)
+                            offload_optimizer=offload_optimizer, scaler=scaler)

@@ -41,3 +41,8 @@ def test_allreduce_algorithms_match_backend_and_theory(nproc):
 def test_zero_stages_equal_single_process_adamw(nproc):
     out = torchrun("check_zero.py", nproc)
     assert out.count("OK stage=") == 6
+
+
+def test_zero_fp16_loss_scaling_skips_overflow_on_every_rank():
+    out = torchrun("check_zero_fp16.py", 2)
+    assert "OK overflow skipped on every rank" in out and "OK zero3 fp16" in out

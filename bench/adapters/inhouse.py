@@ -17,7 +17,7 @@ from impl.allreduce import ALGORITHMS, validate_algorithm
 from impl.checkpointing import apply_activation_checkpointing
 from impl.data_parallel import apply_data_parallel
 from impl.fusion import apply_fusion, compile_blocks, validate_fusion
-from impl.mixed_precision import MasterWeightOptimizer
+from impl.mixed_precision import DynamicLossScaler, MasterWeightOptimizer
 from impl.model import Decoder
 from impl.parallel_dims import ParallelDims
 from impl.zero import apply_zero
@@ -38,8 +38,6 @@ class InhouseAdapter(Adapter):
     def why_not(self, knobs: Knobs) -> str | None:
         if knobs.offload == "optimizer+params":
             return "offload_params: parameter offload (ZeRO-Infinity style) is not implemented in impl/zero.py"
-        if knobs.precision == "fp16" and knobs.zero:
-            return "precision_fp16: impl/zero.py has no loss scaler yet; fp16 runs with zero = 0, bf16 with ZeRO"
         if knobs.allreduce != "backend" and knobs.zero:
             return f"allreduce_{knobs.allreduce}: ZeRO uses reduce-scatter/all-gather, not all-reduce; use zero = 0"
         if knobs.zero and knobs.optimizer not in ELEMENTWISE:
@@ -72,10 +70,12 @@ class InhouseAdapter(Adapter):
             # Mixed precision: 16-bit parameters and gradients, fp32 master shards.
             param_dtype = dtype or torch.float32
             model.to(param_dtype)
+            scaler = DynamicLossScaler() if knobs.precision == "fp16" else None
             zero = apply_zero(model, stage=knobs.zero, group=dist.group.WORLD, param_dtype=param_dtype,
-                              offload_optimizer=knobs.offload == "optimizer")
+                              offload_optimizer=knobs.offload == "optimizer", scaler=scaler)
             optimizer = zero.make_optimizer(lambda shards: make_optimizer(knobs.optimizer, _unnamed(shards)))
-            step = accumulating_step(model, zero, microbatches=knobs.microbatches, no_sync=zero.no_sync)
+            step = accumulating_step(model, zero, microbatches=knobs.microbatches, no_sync=zero.no_sync,
+                                     scale_loss=zero.scale)
             notes["zero_units"] = len(zero.units)
             return TrainStep(step, modules=[model], optimizers=[optimizer], notes=notes, state=zero.state_tensors)
 
