@@ -37,6 +37,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from impl.optim import run_closure
+
 PAPER_RHO_CAP = 1e-2  # Sec. 8: rho_t = min(1e-2, 1/sqrt(t))
 
 
@@ -114,10 +116,7 @@ class Adafactor(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:

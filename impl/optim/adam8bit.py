@@ -51,6 +51,7 @@ from collections.abc import Iterable
 
 import torch
 
+from impl.optim import run_closure
 from impl.optim.quantization import DEFAULT_BLOCK_SIZE, create_dynamic_map, dequantize_blockwise, n_blocks, quantize_blockwise
 
 FP32_STATE_ATTR = "optim_fp32_state"  # a parameter with this attribute set True keeps fp32 moments
@@ -147,10 +148,7 @@ class Adam8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:

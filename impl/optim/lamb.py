@@ -31,6 +31,8 @@ from typing import Literal
 
 import torch
 
+from impl.optim import run_closure
+
 BiasCorrection = Literal["moments", "lr", "none"]
 
 
@@ -69,10 +71,7 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             mode = group["bias_correction"]

@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 
+from impl.optim import run_closure
+
 
 class Lars(torch.optim.Optimizer):
     """Layer-wise adaptive SGD; see the module docstring for the math.
@@ -68,10 +70,7 @@ class Lars(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             wd, momentum = group["weight_decay"], group["momentum"]
             for p in group["params"]:

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from impl.compressed_allreduce import compressed_allreduce, compressed_allreduce_bus_bytes, padded_numel
+from impl.optim import run_closure
 
 
 def onebit_bus_bytes_per_step(numel: int, world: int, *, compressed: bool, bytes_per_grad: int = 4) -> float:
@@ -119,10 +120,7 @@ class _OneBitOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One step from this rank's local ``p.grad``; communicates (collective: call on every rank)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self.steps += 1
         for _, p, g in self._layout:
             if p.grad is None:
