@@ -1,4 +1,4 @@
-"""`bench`: run, validate, report, export, theory, list, doctor."""
+"""`bench`: run, validate, report, compare, history, export, theory, list, doctor."""
 from __future__ import annotations
 
 import argparse
@@ -54,13 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", help="also write the markdown summary here")
     p.add_argument("--html", help="also write an HTML summary here")
 
+    p = sub.add_parser("history", help="per-metric trends across runs, with step detection (HTML page)")
+    p.add_argument("results_dir", help="a suite folder (its runs) or the results root (every suite's runs)")
+    p.add_argument("--out", default="reports", help="reports root; writes OUT/<folder name>/history.html")
+    p.add_argument("--time-threshold", type=float, default=0.05, help="relative change of step time and tokens/s that can be a step")
+    p.add_argument("--mem-threshold", type=float, default=0.02, help="relative change of memory/comm bytes that can be a step")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance of the Mann-Whitney U test, before Bonferroni")
+
     sub.add_parser("list", help="adapter × technique support matrix")
     sub.add_parser("doctor", help="what is installed, the device, and why an adapter is unavailable")
 
     args = parser.parse_args(argv)
     return {
         "run": cmd_run, "validate": cmd_validate, "report": cmd_report, "export": cmd_export,
-        "theory": cmd_theory, "list": cmd_list, "doctor": cmd_doctor, "compare": cmd_compare,
+        "theory": cmd_theory, "list": cmd_list, "doctor": cmd_doctor, "compare": cmd_compare, "history": cmd_history,
     }[args.command](args)
 
 
@@ -102,7 +109,7 @@ def cmd_run(args) -> int:
     if loaded is None:
         return 2
     suite, cells = loaded
-    from bench.results import check_run_id
+    from bench.results import ResultsWriteError, RunInUse, check_run_id
     from bench.runner import Runner
 
     run_id = args.resume or args.run_id
@@ -122,7 +129,7 @@ def cmd_run(args) -> int:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        err_console.print(f"error: results directory {results_root} is not writable: {exc}")
+        err_console.print(f"error: results directory {results_root} is not writable: {exc}", soft_wrap=True)
         return 2
     runner = Runner(suite, cells, results_root=results_root, run_id=run_id, progress=not args.no_progress)
 
@@ -131,7 +138,22 @@ def cmd_run(args) -> int:
         extra = f"{m['step_time_median_s'] * 1e3:.1f} ms/step" if m else (rec["reason"] or "")[:160]
         console.print(f"  {rec['status']:<11} {rec['cell_id']} {rec['adapter']:<10} {extra}", highlight=False)
 
-    summary = runner.run(on_record=show)
+    try:
+        summary = runner.run(on_record=show)
+    except RunInUse as exc:
+        err_console.print(f"error: {exc}", soft_wrap=True)
+        return 2
+    except ResultsWriteError as exc:
+        path = runner.run_file.path
+        try:
+            kept = str(len(runner.run_file.records()))
+        except OSError:
+            kept = "unknown number of"
+        err_console.print(f"error: results could not be written, so the suite stopped: {exc.strerror}\n"
+                          f"  the {kept} record(s) already in {path} are intact (no partial line)\n"
+                          f"  fix the space or permissions, then continue with: bench run {args.suite} "
+                          f"--results {results_root} --resume {runner.run_file.run_id}", soft_wrap=True)
+        return 3
     counts = ", ".join(f"{k}={v}" for k, v in sorted(summary.counts.items())) or "nothing new"
     console.print(f"run {summary.run_file.run_id}: {counts}; {summary.skipped} already recorded", highlight=False)
     if summary.fixed_cost_median_s is not None:
@@ -151,9 +173,25 @@ def cmd_report(args) -> int:
         err_console.print(f"error: {exc}")
         return 2
     for f in files:
+        try:
+            _check_report_names(f)
+        except ValueError as exc:
+            err_console.print(f"error: {f}: {exc}; no report written", soft_wrap=True)
+            return 2
         out = write_report(f, Path(args.out))
         console.print(f"report: {out}", highlight=False)
     return 0
+
+
+def _check_report_names(results_file: Path) -> None:
+    """The report's folder is named by the records' suite and run id: a record
+    written by hand could otherwise steer it out of the reports root."""
+    from bench.results import check_run_id, check_suite_name, read_records
+
+    for rec in read_records(results_file):
+        check_suite_name(rec.get("suite"))
+        check_run_id(str(rec.get("run_id")))
+        return
 
 
 def cmd_compare(args) -> int:
@@ -176,6 +214,25 @@ def cmd_compare(args) -> int:
     if args.html:
         Path(args.html).write_text(html_page(findings, base, cand))
     return 1 if any(f.regressed for f in findings) else 0
+
+
+def cmd_history(args) -> int:
+    from bench.history import write_history
+
+    folder = Path(args.results_dir)
+    thresholds = {"step_time_s": args.time_threshold, "tokens_per_s": args.time_threshold,
+                  "peak_mem_bytes": args.mem_threshold, "comm_bytes_per_step": args.mem_threshold}
+    try:
+        out, runs, steps = write_history(folder, Path(args.out) / folder.resolve().name / "history.html",
+                                         thresholds=thresholds, alpha=args.alpha)
+    except FileNotFoundError as exc:
+        err_console.print(f"error: {exc}")
+        return 2
+    for st in steps:
+        console.print(f"step: {st.suite} {st.label} ({st.key}) {st.metric} {st.change:+.1%} at run {runs[st.run].run_id} "
+                      f"(after {runs[st.previous_run].run_id})", highlight=False)
+    console.print(f"{len(steps)} step(s); history: {out}", highlight=False)
+    return 0
 
 
 def cmd_export(args) -> int:

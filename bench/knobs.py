@@ -19,7 +19,7 @@ Optimizer = Literal["adamw", "sgd", "adafactor", "adam8bit", "onebit_adam", "one
 Attention = Literal[
     "dense", "sliding_window", "dilated", "global", "random", "block_local", "longformer", "bigbird"
 ]
-Fault = Literal["none", "raise", "hang", "oom", "segfault", "slow"]
+Fault = Literal["none", "raise", "hang", "oom", "memory_error", "segfault", "abort", "slow"]
 
 class Knobs(BaseModel):
     """One fully described cell. Unknown names are rejected (with a suggestion)

@@ -1,12 +1,15 @@
 """Append-only, versioned result records: ``results/<suite>/<run_id>.jsonl``.
 
-One JSON object per line, written with a single ``write`` + ``fsync`` under
-an exclusive lock, so a killed runner leaves at most one torn last line,
-which readers detect and skip. Statistics are recomputed from the raw
+One JSON object per line, written with ``write`` + ``fsync`` under an
+exclusive lock, so a killed runner leaves at most one torn last line, which
+readers detect and skip; a write that fails (full disk, quota) is cut back
+off, so the file keeps only whole records. A run is driven by one runner at
+a time (``RunFile.lock``). Statistics are recomputed from the raw
 samples at report time. No torch import here: reports read only these files.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import getpass
 import json
@@ -22,11 +25,22 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "unsupported", "error", "oom", "timeout")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+_SUITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ResultsWriteError(OSError):
+    """The results folder refused a write (full disk, quota, permissions):
+    the records already written are intact and the run can be resumed."""
+
+
+class RunInUse(RuntimeError):
+    """Another runner holds this run."""
 
 
 def new_run_id() -> str:
@@ -39,6 +53,20 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+def check_suite_name(name: str) -> str:
+    if not isinstance(name, str) or not _SUITE_NAME.match(name):
+        raise ValueError(f"suite name {name!r} must be letters, digits, '.', '_' or '-' (no path separators or markup)")
+    return name
+
+
+def confined(root: Path, *parts: str) -> Path:
+    """``root/parts...``, refusing anything that would resolve outside ``root``."""
+    path = Path(root).joinpath(*parts)
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise ValueError(f"{path} lies outside {root}")
+    return path
+
+
 @dataclass(frozen=True, slots=True)
 class RunFile:
     """One run's record file, confined under the results root."""
@@ -49,17 +77,53 @@ class RunFile:
 
     @property
     def path(self) -> Path:
-        return self.root / self.suite / f"{check_run_id(self.run_id)}.jsonl"
+        return confined(self.root, check_suite_name(self.suite), f"{check_run_id(self.run_id)}.jsonl")
 
     def append(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(finite(record), allow_nan=False, default=_jsonable) + "\n").encode()
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ResultsWriteError(exc.errno, f"cannot write {self.path}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            _heal_torn_tail(fd)
-            os.write(fd, line)
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                _heal_torn_tail(fd, size)
+                _write_all(fd, line)
+                os.fsync(fd)
+            except OSError as exc:
+                # Cut the partial record off: the file keeps only whole lines.
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                raise ResultsWriteError(exc.errno or errno.EIO, f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run for one runner: a second ``bench run`` of the same run id
+        (a double ``--resume``) would repeat cells and clear the first one's
+        scratch folders. The lock dies with its process, even under SIGKILL."""
+        lock_path = self.path.parent / f".{self.run_id}.lock"
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ResultsWriteError(exc.errno, f"cannot write {lock_path}: {exc.strerror}") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise RunInUse(f"run {self.run_id} of suite {self.suite} is being written by another bench run "
+                               f"(pid {holder}); wait for it, or start a new run") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
         finally:
             os.close(fd)
 
@@ -88,12 +152,21 @@ def finite(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _heal_torn_tail(fd: int) -> None:
+def _heal_torn_tail(fd: int, size: int) -> None:
     """A runner killed mid-write leaves a line without its newline; end it so
     the next record starts on a line of its own (readers skip the torn one)."""
-    size = os.fstat(fd).st_size
     if size and os.pread(fd, 1, size - 1) != b"\n":
-        os.write(fd, b"\n")
+        _write_all(fd, b"\n")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``write`` may take only part of the bytes (a file-size limit, a signal)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[n:]
 
 
 def _jsonable(obj: Any) -> Any:

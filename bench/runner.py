@@ -1,7 +1,9 @@
 """Runs a suite: one launch per cell, outcome classification, one record per cell.
 
 A failing cell is a result (unsupported | error | oom | timeout), never the
-end of the suite; a resumed run skips the cells its file already holds.
+end of the suite; a resumed run skips the cells its file already holds. The
+one thing that does stop a suite is a results folder that refuses writes
+(``ResultsWriteError``): running on would only lose the records.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any, Callable
 
 from bench import adapters
 from bench.launch import LaunchOutcome, Launcher, LocalTorchrun
-from bench.results import SCHEMA_VERSION, RunFile, environment, new_run_id
+from bench.results import SCHEMA_VERSION, ResultsWriteError, RunFile, environment, new_run_id
 from bench.suite import Cell, Suite
 from bench.techniques import used_by
 from bench.theory import predict, ratios
@@ -50,11 +52,11 @@ class Runner:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         summary = RunSummary(self.run_file)
-        done = {r["cell_id"] for r in self.run_file.records()}
-        todo = [c for c in self.cells if c.id not in done]
-        summary.skipped = len(self.cells) - len(todo)
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-        with Progress(*columns, disable=not self.progress, transient=False) as bar:
+        with self.run_file.lock(), Progress(*columns, disable=not self.progress, transient=False) as bar:
+            done = {r["cell_id"] for r in self.run_file.records()}
+            todo = [c for c in self.cells if c.id not in done]
+            summary.skipped = len(self.cells) - len(todo)
             task = bar.add_task(self.suite.name, total=len(todo))
             for cell in todo:
                 bar.update(task, description=f"{self.suite.name}: {cell.knobs.adapter} {cell.id}")
@@ -80,14 +82,17 @@ class Runner:
         if reason:
             return self._record(cell, status="unsupported", reason=reason)
         cell_dir = self.run_file.path.parent / f".{self.run_file.run_id}" / cell.id
-        shutil.rmtree(cell_dir, ignore_errors=True)
-        cell_dir.mkdir(parents=True)
         threads = max(1, (os.cpu_count() or 1) // knobs.world_size)
         payload = {"knobs": knobs.resolved(), "steps": self.suite.steps, "warmup": self.suite.warmup, "seed": self.suite.seed}
         if knobs.device == "cpu":
             payload["cpu_peak_flops"] = self._cpu_peak(threads)
             payload["cpu_peak_source"] = f"measured: fp32 matmul probe, {threads} thread(s) per rank"
-        (cell_dir / "payload.json").write_text(json.dumps(payload))
+        try:
+            shutil.rmtree(cell_dir, ignore_errors=True)
+            cell_dir.mkdir(parents=True)
+            (cell_dir / "payload.json").write_text(json.dumps(payload))
+        except OSError as exc:
+            raise ResultsWriteError(exc.errno, f"cannot write the scratch folder {cell_dir}: {exc.strerror or exc}") from exc
         env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "TORCHELASTIC_ERROR_FILE": str(cell_dir / "torchelastic.json")}
         outcome = self.launcher.launch(payload=cell_dir / "payload.json", world_size=knobs.world_size,
                                        timeout_s=self.suite.timeout_s, env=env)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-THEORY_VERSION = "zero-sc20+korthikanti22+pipedream+optimizer-state+onebit-v2"
+THEORY_VERSION = "zero-sc20+korthikanti22+pipedream+optimizer-state+onebit+megatron-tp+pp-p2p-v3"
 
 # Optimizer state bytes per parameter kept in fp32 (excluding a master copy).
 # 1-bit LAMB also keeps a fresh variance and the previous momentum (Li et al. 2021, Alg. 1).
@@ -116,6 +116,28 @@ def bubble_fraction(pp: int, microbatches: int, schedule: str, virtual_stages: i
     return None
 
 
+def pipeline_p2p_bytes(*, pp: int, microbatches: int, micro_batch: int, seq_len: int, dim: int,
+                       virtual_stages: int = 1, bytes_per_value: int = 4,
+                       backward_sends: int | None = None) -> list[float]:
+    """Bus bytes each pipeline rank sends per step (send factor 1; a recv counts 0):
+    one (b/m, s, h) hidden state per micro-batch across every stage boundary
+    forward, and its gradient backward (GPipe, Huang et al. 2019; 1F1B and
+    interleaved, Narayanan et al. 2021 §2.2, loop placement: rank r holds
+    stages r, r+p, …, so it sends forward from each stage but the last and
+    backward from each but the first). ``backward_sends`` overrides the m
+    backward messages per stage (PipeDream's first step runs m − (p−r−1))."""
+    act = micro_batch * seq_len * dim * bytes_per_value
+    n_stages = pp * virtual_stages
+    out = []
+    for r in range(pp):
+        mine = [r + c * pp for c in range(virtual_stages)]
+        fwd = sum(s < n_stages - 1 for s in mine) * microbatches
+        bwd_per = microbatches if backward_sends is None else backward_sends
+        bwd = sum(s > 0 for s in mine) * (bwd_per if virtual_stages == 1 else microbatches)
+        out.append(float((fwd + bwd) * act))
+    return out
+
+
 def activation_bytes_per_layer(*, s: int, b: int, h: int, a: int, tp: int = 1, sequence_parallel: bool = False,
                                recompute: str = "none", bytes_per_value: int = 2) -> float:
     """Korthikanti et al. 2022, eq. 1–6 (16-bit values; scaled for other widths):
@@ -217,6 +239,7 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
     cfg = PRESETS[knobs.model]
     psi = total_params(cfg)
     pure_dp = knobs.tp == 1 and knobs.pp == 1
+    tp_1d = knobs.tp > 1 and knobs.pp == 1 and knobs.tp_mode == "1d"
     elem = PRECISION_BYTES[knobs.precision]
     comm = None
     if knobs.workload == "allreduce":
@@ -227,14 +250,29 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
         comm = onebit_comm_bytes(psi, knobs.dp, compressed=warmup > knobs.freeze_step)
     elif pure_dp:
         comm = dp_comm_elements(psi, zero=knobs.zero, dp=knobs.dp, microbatches=knobs.microbatches) * elem
+    elif knobs.pp > 1 and knobs.tp == 1 and knobs.dp == 1 and knobs.pp_schedule in ("gpipe", "1f1b", "interleaved",
+                                                                                    "pipedream"):
+        comm = max(_pipeline_comm_by_rank(knobs, cfg, elem, warmup))
+    elif tp_1d and knobs.zero == 0:
+        comm = tp_comm_bytes(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, tp=knobs.tp, dp=knobs.dp,
+                             sequence_parallel=knobs.sequence_parallel == "megatron", bytes_per_value=elem)
     try:
         opt_bytes = optimizer_state_bytes(param_shapes(cfg), knobs.optimizer, dp=knobs.dp)
         state = model_state_bytes(psi, zero=knobs.zero, dp=knobs.dp, precision=knobs.precision,
                                   optimizer=knobs.optimizer, offload=knobs.offload != "none", optimizer_bytes=opt_bytes)
     except ValueError:
         state = None
-    if state is not None and not pure_dp:
-        state = None  # TP/PP sharding formulas arrive with model parallelism
+    if tp_1d:
+        # Megatron 1D TP: every matrix split by t, norms whole; ZeRO then divides by N_d.
+        try:
+            opt_bytes = optimizer_state_bytes(tp_param_shapes(cfg, knobs.tp), knobs.optimizer, dp=knobs.dp)
+            state = model_state_bytes(tp_local_params(cfg, knobs.tp), zero=knobs.zero, dp=knobs.dp,
+                                      precision=knobs.precision, optimizer=knobs.optimizer,
+                                      offload=knobs.offload != "none", optimizer_bytes=opt_bytes)
+        except ValueError:
+            state = None
+    elif state is not None and not pure_dp:
+        state = None  # PP sharding formulas arrive with pipeline parallelism
     micro_b = knobs.batch_size // (knobs.dp * knobs.microbatches)
     act = cfg.n_layers * activation_bytes_per_layer(
         s=knobs.seq_len, b=micro_b, h=cfg.dim, a=cfg.n_heads, tp=knobs.tp,
@@ -256,6 +294,18 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
         "activation_bytes": act,
         "activation_bytes_model": _model_activation_bytes(knobs, cfg, micro_b) if pure_dp else None,
     }
+
+
+def _pipeline_comm_by_rank(knobs: Any, cfg: Any, elem: int, warmup: int | None) -> list[float]:
+    """Per pipeline rank p2p bytes of the metered step (the last warm-up step). PipeDream's
+    first step only: rank r's backward sends lag its forwards by p−r−1 (counted per rank)."""
+    v = knobs.virtual_stages if knobs.pp_schedule == "interleaved" else 1
+    kw = dict(pp=knobs.pp, microbatches=knobs.microbatches, micro_batch=knobs.batch_size // knobs.microbatches,
+              seq_len=knobs.seq_len, dim=cfg.dim, virtual_stages=v, bytes_per_value=elem)
+    if knobs.pp_schedule == "pipedream" and warmup == 1:
+        return [pipeline_p2p_bytes(**kw, backward_sends=max(0, knobs.microbatches - (knobs.pp - r - 1)))[r]
+                for r in range(knobs.pp)]
+    return pipeline_p2p_bytes(**kw)
 
 
 def _model_activation_bytes(knobs: Any, cfg: Any, micro_b: int) -> float:
@@ -285,3 +335,61 @@ def ratios(metrics: dict[str, Any], theory: dict[str, Any]) -> dict[str, float |
             out[f"model_state_{k}"] = ratio(state_m.get(k), state_t.get(k))
         out["model_state_total"] = ratio(sum(state_m.values()), sum(state_t.values()))
     return out
+
+
+# ---- 1D tensor parallelism (Megatron) and Megatron sequence parallelism ----
+
+def tp_param_shapes(cfg: Any, tp: int) -> dict[str, tuple[int, ...]]:
+    """Each parameter's shape on one rank of a 1D tensor-parallel group
+    (``impl.tensor_parallel``): column-parallel wq/wk/wv/w1/w3, the vocab-parallel
+    embedding and head split on dim 0, row-parallel wo/w2 on dim 1, norms replicated."""
+    from impl.model_config import param_shapes
+
+    out = {}
+    for name, shape in param_shapes(cfg).items():
+        if len(shape) == 1:
+            out[name] = shape
+        elif name.endswith(("wo.weight", "w2.weight")):
+            out[name] = (shape[0], shape[1] // tp)
+        else:
+            out[name] = (shape[0] // tp, shape[1])
+    return out
+
+
+def tp_local_params(cfg: Any, tp: int) -> int:
+    """Parameters one tensor-parallel rank holds: every matrix (and the
+    embedding) ÷ t, the 2L+1 norm vectors whole."""
+    total = 0
+    for shape in tp_param_shapes(cfg, tp).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def tp_comm_bytes(cfg: Any, *, b: int, s: int, tp: int, dp: int = 1, sequence_parallel: bool = False,
+                  bytes_per_value: int = 4) -> float:
+    """Bus bytes per rank and step of Megatron 1D TP with a vocab-parallel loss
+    (Shoeybi et al. 2019 §3; ``impl.tensor_parallel``), b sequences of s tokens
+    per data-parallel replica (all micro-batches together), h = dim:
+
+    * per block 4 all-reduces of (b, s, h): g after wo and w2 (forward), f
+      before wq/wk/wv and w1/w3 (backward); plus the vocab-parallel embedding's
+      forward g and the head input's backward f → (4L + 2)·b·s·h values, each
+      all-reduce ×2(t−1)/t bus bytes;
+    * the vocab-parallel cross-entropy: 3 all-reduces of b·s fp32 values (max,
+      target logit, Σexp; Megatron's ``_VocabParallelCrossEntropy``);
+    * sequence parallel (Korthikanti et al. 2022 §4.2.2): each all-reduce of
+      (b, s, h) becomes an all-gather + a reduce-scatter, (t−1)/t each — the
+      same bus bytes — and the 2L+1 norm weights' gradients are all-reduced
+      over the group (h values each);
+    * data parallel on top: the rank's gradients, 2Ψ_tp(N_d−1)/N_d.
+    """
+    h, L = cfg.dim, cfg.n_layers
+    ar = 2 * (tp - 1) / tp
+    act = (4 * L + 2) * b * s * h * bytes_per_value * ar
+    loss = 3 * b * s * 4 * ar
+    norms = (2 * L + 1) * h * bytes_per_value * ar if sequence_parallel else 0.0
+    grads = 2 * tp_local_params(cfg, tp) * bytes_per_value * (dp - 1) / dp
+    return act + loss + norms + grads

@@ -176,7 +176,7 @@ def _build_training(knobs, dims, device, seed: int, rank: int, world: int):
 
     cfg = model_config(knobs.model)
     model = build_model(cfg, seed, device)
-    _inject_early_fault(knobs.fault, rank, world)
+    _inject_early_fault(knobs.fault, rank, world, device)
     train_step = adapters.get(knobs.adapter).build(knobs, model, dims, device)
     dp_rank = dims.coords(rank)[0]
     batches: dict[int, Any] = {}
@@ -193,16 +193,25 @@ def _build_training(knobs, dims, device, seed: int, rank: int, world: int):
     return step_fn, train_step.notes, train_step.state_tensors
 
 
-def _inject_early_fault(fault: str, rank: int, world: int) -> None:
+def _inject_early_fault(fault: str, rank: int, world: int, device) -> None:
+    """Test-only faults (knob ``fault``), each a real failure, not a simulated one."""
+    import resource
+
     import torch
 
     if fault == "raise" and rank == 0:
         raise RuntimeError("injected fault: raise")
     if fault == "oom" and rank == 0:
-        # A real allocation the allocator refuses (1 PiB), not a simulated error.
-        torch.empty(2**50, dtype=torch.uint8)
-    if fault == "segfault" and rank == world - 1:
-        ctypes.string_at(0)
+        # An allocation the allocator refuses (1 PiB): torch.OutOfMemoryError on
+        # CUDA, "can't allocate memory" on CPU.
+        torch.empty(2**50, dtype=torch.uint8, device=device)
+    if fault == "memory_error" and rank == 0:
+        bytearray(2**50)  # Python's own MemoryError (host memory)
+    if fault in ("segfault", "abort") and rank == world - 1:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+        if fault == "segfault":
+            ctypes.string_at(0)
+        os.abort()  # SIGABRT, as C++ "terminate called ..." does
 
 
 def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict[str, Any]:

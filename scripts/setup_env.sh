@@ -19,4 +19,15 @@ pip install -r requirements/base.txt -r requirements/frameworks.txt
 # (the modules it imports are in requirements/frameworks.txt).
 pip install --no-deps colossalai==0.5.0
 pip install --no-deps --no-build-isolation -e .
+# Headless Chromium for the browser test of the HTML report (tests/test_report_browser.py).
+if command -v chromium >/dev/null 2>&1; then
+  :
+elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing chromium (headless report test)"
+  { DEBIAN_FRONTEND=noninteractive apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y chromium; } \
+    >/dev/null || echo "setup: warning: apt-get install chromium failed; the headless report test will not run" >&2
+else
+  echo "setup: warning: chromium is not installed and this is not root with apt-get;" \
+       "the headless report test skips (and fails under CI=true). Install it with: sudo apt-get install -y chromium" >&2
+fi
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null))"

@@ -173,3 +173,39 @@ def test_measurements_are_complete(ds):
         assert notes["deepspeed_config"]["gradient_accumulation_steps"] == k[3]
     assert ds[OFFLOAD2]["notes"]["optimizer_class"] == "DeepSpeedCPUAdam"
     assert ds[FP32[2]]["notes"]["optimizer_class"] == "AdamW"
+
+
+def test_comms_logger_beside_meter(ds):
+    """DeepSpeed's comms logger on the harness's metered step, ZeRO-1/2/3 on 2 ranks.
+
+    Relation: for each collective kind, the logger's calls equal the meter's and
+    its bytes in the meter's payload terms equal the meter's ``bytes`` — msg_size
+    is the op's ``tensor`` argument, so all-reduce and reduce-scatter (input)
+    match one to one and all-gather's msg_size is the input shard, N × less than
+    the meter's output. Bus bytes then follow by the same nccl-tests factors."""
+    b = 4 * PSI
+    for k in (FP32[1], FP32[2], FP32[3]):
+        log, comm = ds[k]["notes"]["deepspeed_comms_logger"], ds[k]["metrics"]["comm"]
+        assert log["window"].startswith("the harness's metered step")
+        for kind, v in log["vs_meter"].items():
+            assert (v["meter_calls"], v["meter_bytes"]) == (comm[kind]["calls"], comm[kind]["bytes"])
+            assert (v["logger_calls"], v["logger_payload_bytes"]) == (v["meter_calls"], v["meter_bytes"]), (k, kind)
+        ops = log["ops"]
+        gather = ops["all_gather_into_tensor"]
+        assert gather["payload_bytes"] == N * gather["msg_bytes"] == comm["all_gather"]["bytes"]
+        # DeepSpeed's all-reduce "algbw" is 2·size/t, twice nccl-tests' size/t; with
+        # N = 2 its busbw (size/t·2(N−1)/N) is nccl-tests' algbw, so exactly half.
+        ar = ops["all_reduce"]
+        assert ar["algbw_gbps_deepspeed"] == pytest.approx(2 * ar["busbw_gbps_deepspeed"], rel=1e-9)
+        # The logger's timer wraps the meter's (which waits for completion), per call.
+        assert ar["time_s"] >= comm["all_reduce"]["time_s"]
+    for k in (FP32[1], FP32[2]):
+        ops = ds[k]["notes"]["deepspeed_comms_logger"]["ops"]
+        assert ops["all_reduce"]["msg_bytes"] == b + 4 and ops["all_gather_into_tensor"]["msg_bytes"] == b // N
+        # Several gradient buckets: DeepSpeed's latencies are running totals, so its
+        # summed "total latency" over-counts the op's real total.
+        assert ops["all_reduce"]["calls"] > 2
+        assert ops["all_reduce"]["time_s_as_logged"] > 1.5 * ops["all_reduce"]["time_s"]
+    ops = ds[FP32[3]]["notes"]["deepspeed_comms_logger"]["ops"]
+    assert ops["reduce_scatter_tensor"]["msg_bytes"] == b
+    assert ops["all_gather_into_tensor"]["msg_bytes"] == b  # forward + backward gathers, N × Ψ/N shards

@@ -1,5 +1,6 @@
-"""Failures are results: crash, hang (timeout kills the whole group), OOM,
-segfault; and a runner killed with SIGKILL resumes with one record per cell."""
+"""Failures are results: crash, hang (timeout kills the whole group), OOM
+(torch's allocator and Python's MemoryError), segfault, abort; and a runner
+killed with SIGKILL resumes with one record per cell."""
 from __future__ import annotations
 
 import json
@@ -16,29 +17,34 @@ import pytest
 from tests.conftest import ROOT, bench, records
 
 FAULTS = """
-name: faults
+name: {name}
 steps: 2
 warmup: 1
 timeout_s: {timeout}
 defaults: {{model: tiny, world_size: 2, batch_size: 4, seq_len: 16}}
 matrix:
-  fault: [raise, hang, oom, segfault, none]
+  fault: {faults}
 """
 HANG_TIMEOUT_S = 20
+"""The hang runs as a suite of its own, so the other cells get a timeout that a
+loaded 2-core machine cannot hit (cells there take up to ~20 s to start)."""
 
 
 @pytest.fixture(scope="module")
 def fault_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
-    (tmp / "suite.yaml").write_text(FAULTS.format(timeout=HANG_TIMEOUT_S))
-    proc = bench("run", str(tmp / "suite.yaml"), "--results", str(tmp / "results"), "--no-progress")
-    recs = {r["config"]["fault"]: r for r in records(tmp / "results", "faults")}
+    recs = {}
+    for name, timeout, faults in (("faults", 180, "[raise, oom, memory_error, segfault, abort, none]"),
+                                  ("faults-hang", HANG_TIMEOUT_S, "[hang]")):
+        (tmp / f"{name}.yaml").write_text(FAULTS.format(name=name, timeout=timeout, faults=faults))
+        proc = bench("run", str(tmp / f"{name}.yaml"), "--results", str(tmp / "results"), "--no-progress")
+        recs.update({r["config"]["fault"]: r for r in records(tmp / "results", name)})
     return tmp, recs, proc
 
 
 def test_one_failing_cell_never_stops_the_suite(fault_run):
     _, recs, proc = fault_run
-    assert set(recs) == {"raise", "hang", "oom", "segfault", "none"}
+    assert set(recs) == {"raise", "hang", "oom", "memory_error", "segfault", "abort", "none"}
     assert recs["none"]["status"] == "ok"
 
 
@@ -55,6 +61,18 @@ def test_failed_allocation_is_oom(fault_run):
     assert "can't allocate memory" in rec["reason"]
 
 
+def test_python_memory_error_is_oom(fault_run):
+    rec = fault_run[1]["memory_error"]
+    assert rec["status"] == "oom", rec["reason"]
+    assert rec["reason"].startswith("MemoryError"), rec["reason"]
+
+
+def test_abort_is_an_error_naming_the_signal(fault_run):
+    rec = fault_run[1]["abort"]
+    assert rec["status"] == "error"
+    assert "rank 1 killed by SIGABRT" in rec["reason"], rec["reason"]
+
+
 def test_segfault_is_an_error_naming_the_signal(fault_run):
     rec = fault_run[1]["segfault"]
     assert rec["status"] == "error"
@@ -66,7 +84,7 @@ def test_hang_times_out_within_limit_and_leaves_no_process(fault_run):
     rec = recs["hang"]
     assert rec["status"] == "timeout"
     assert HANG_TIMEOUT_S <= rec["timing"]["wall_s"] <= HANG_TIMEOUT_S + 5
-    pid_files = list((tmp / "results" / "faults").glob(f".*/{rec['cell_id']}/rank*.pid"))
+    pid_files = list((tmp / "results" / "faults-hang").glob(f".*/{rec['cell_id']}/rank*.pid"))
     assert len(pid_files) == 2, "both ranks had started and recorded their pids"
     for f in pid_files:
         pid = int(f.read_text())

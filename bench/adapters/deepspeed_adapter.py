@@ -1,5 +1,7 @@
 """The `deepspeed` adapter: DeepSpeed's engine (ZeRO 0-3, ZeRO-Offload, bf16,
-activation checkpointing, gradient accumulation) around ``impl.model.Decoder``.
+activation checkpointing, gradient accumulation) around ``impl.model.Decoder``,
+and its PipelineEngine for pp > 1 (``deepspeed_pipeline``). DeepSpeed's comms
+logger runs beside the harness's meter on the metered step (``deepspeed_comms``).
 
 DeepSpeed is imported inside ``build`` only, so listing and validating cells
 never import it. The harness's process group is reused (DeepSpeed wraps it in
@@ -18,13 +20,14 @@ from typing import Any
 import torch
 
 from bench.adapters.base import ALL_DEVICES, Adapter, Capabilities, TrainStep, Unsupported
+from bench.adapters.deepspeed_comms import CONFIG as COMMS_LOGGER
+from bench.adapters.deepspeed_pipeline import UNSUPPORTED_SCHEDULES, why_not_pipeline
 from bench.knobs import Knobs
 from bench.workload import BETAS, EPS, LR, SGD_MOMENTUM, WEIGHT_DECAY, Batch
 from impl.model import Decoder, lm_loss, total_params
 from impl.parallel_dims import ParallelDims
 
 CUDA_ONLY = frozenset({"cuda"})
-_NO_PIPELINE = "DeepSpeed's PipelineModule is not wired into this adapter yet"
 _NO_TP = "no DeepSpeed training TP for a plain nn.Module (AutoTP targets Hugging Face models)"
 
 
@@ -36,7 +39,7 @@ class DeepSpeedAdapter(Adapter):
             **{t: ALL_DEVICES for t in (
                 "data_parallel", "grad_accumulation", "zero1", "zero2", "zero3", "offload_optimizer",
                 "offload_params", "checkpointing_full", "precision_bf16", "optimizer_adamw", "optimizer_sgd",
-                "fusion_fused", "device_cuda",
+                "fusion_fused", "device_cuda", "pipeline_1f1b",
             )},
             "precision_fp16": CUDA_ONLY,
         },
@@ -49,7 +52,7 @@ class DeepSpeedAdapter(Adapter):
             "tensor_parallel_3d": "DeepSpeed has no 3D tensor parallelism",
             "sequence_parallel_megatron": "needs tensor parallelism (not mapped)",
             "sequence_parallel_ring": "DeepSpeed's sequence parallelism is Ulysses (all-to-all), not ring attention",
-            **{f"pipeline_{s}": _NO_PIPELINE for s in ("gpipe", "1f1b", "interleaved", "pipedream", "zbv")},
+            **{f"pipeline_{s}": why for s, why in UNSUPPORTED_SCHEDULES.items()},
             "checkpointing_selective": "DeepSpeed checkpoints whole functions; no selective recompute",
             "optimizer_adafactor": "not a DeepSpeed optimizer type",
             "optimizer_adam8bit": "not a DeepSpeed optimizer type",
@@ -71,28 +74,34 @@ class DeepSpeedAdapter(Adapter):
             return "deepspeed is not installed (pip install deepspeed==0.19.8)"
         return None
 
+    def why_not(self, knobs: Knobs) -> str | None:
+        return (why_not_pipeline(knobs) if knobs.pp > 1 else None) or super().why_not(knobs)
+
     def build(self, knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
-        if dims.tp > 1 or dims.pp > 1:
-            raise Unsupported(f"tp = {dims.tp}, pp = {dims.pp}: {_NO_TP if dims.tp > 1 else _NO_PIPELINE}")
+        if dims.tp > 1:
+            raise Unsupported(f"tp = {dims.tp}: {_NO_TP}")
         # JIT-built ops (shm comm ~24 s, cpu_adam ~41 s) are cached across cells and
         # runs, per environment: two venvs sharing one cache rebuild each other's ops.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "trainbench-torch-extensions"))
         import deepspeed
+
+        from bench.adapters import deepspeed_comms, deepspeed_pipeline
 
         config = deepspeed_config(knobs, total_params(model.cfg), max(p.numel() for p in model.parameters()))
         # Measured before ZeRO-3 partitions the parameters (numel() is 0 after).
         recomputed = _layer_fraction(model) if knobs.checkpointing == "full" else 0.0
         if knobs.checkpointing == "full":
             _checkpoint_layers(model)
+        module = deepspeed_pipeline.pipeline_module(model, dims, device) if dims.pp > 1 else model
         engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            model_parameters=list(model.parameters()),
+            model=module,
+            model_parameters=[p for p in module.parameters() if p.requires_grad],
             config=config,
             dist_init_required=False,
         )
         state = _ModelState(engine, knobs.zero)
         notes: dict[str, Any] = {
-            "model_type": "impl.model.Decoder",
+            "model_type": "impl.model.Decoder" + (" pieces in deepspeed.pipe.PipelineModule" if dims.pp > 1 else ""),
             "wrapper": f"deepspeed.DeepSpeedEngine ({type(engine.optimizer).__name__})",
             "optimizer_class": type(_inner_optimizer(engine)).__name__,
             "deepspeed_config": config,
@@ -106,9 +115,14 @@ class DeepSpeedAdapter(Adapter):
                 "then reduces and frees them, so at the boundary only its partition (4Ψ/N) remains."
             ),
         }
-        notes.update(_comm_notes(knobs, recomputed_fraction=recomputed))
-        return TrainStep(_step_fn(engine, knobs.microbatches, state), modules=[engine.module],
-                         optimizers=[_inner_optimizer(engine)], notes=notes, state=state.tensors)
+        notes.update(deepspeed_pipeline.pipeline_notes(knobs, engine) if dims.pp > 1
+                     else deepspeed_comms.comm_vs_theory(knobs, recomputed_fraction=recomputed))
+        window = deepspeed_comms.CommsLoggerWindow(dims.dp)
+        notes[deepspeed_comms.NOTES_KEY] = window.summary  # filled in place on the metered step
+        fn = (deepspeed_pipeline.pipeline_step_fn(engine, knobs.microbatches, state, window) if dims.pp > 1
+              else _step_fn(engine, knobs.microbatches, state, window))
+        return TrainStep(fn, modules=[engine.module], optimizers=[_inner_optimizer(engine)], notes=notes,
+                         state=state.tensors)
 
 
 def deepspeed_config(knobs: Knobs, psi: int, largest_param_numel: int = 0) -> dict[str, Any]:
@@ -150,6 +164,7 @@ def deepspeed_config(knobs: Knobs, psi: int, largest_param_numel: int = 0) -> di
         "optimizer": _optimizer_config(knobs),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "comms_logger": dict(COMMS_LOGGER),
     }
     if knobs.precision == "bf16":
         config["bf16"] = {"enabled": True}
@@ -252,21 +267,22 @@ def _tensors_in(obj: Any) -> list[torch.Tensor]:
         return []
 
 
-def _step_fn(engine, microbatches: int, state: _ModelState):
+def _step_fn(engine, microbatches: int, state: _ModelState, window):
     def step(batch: Batch) -> torch.Tensor:
         state.release_grads()
         parts = batch.split(microbatches)
         total = torch.zeros(())
-        for i, mb in enumerate(parts):
-            # Unscaled per-micro-batch loss: engine.backward divides by
-            # gradient_accumulation_steps, and engine.step() updates only on
-            # the accumulation boundary (the last micro-batch).
-            loss = lm_loss(engine(mb.inputs), mb.targets)
-            engine.backward(loss)
-            if i == len(parts) - 1:
-                state.capture_grads()
-            engine.step()
-            total += loss.detach().float().cpu() / len(parts)
+        with window:
+            for i, mb in enumerate(parts):
+                # Unscaled per-micro-batch loss: engine.backward divides by
+                # gradient_accumulation_steps, and engine.step() updates only on
+                # the accumulation boundary (the last micro-batch).
+                loss = lm_loss(engine(mb.inputs), mb.targets)
+                engine.backward(loss)
+                if i == len(parts) - 1:
+                    state.capture_grads()
+                engine.step()
+                total += loss.detach().float().cpu() / len(parts)
         return total
 
     return step
@@ -276,36 +292,3 @@ def _layer_fraction(model: Decoder) -> float:
     """Share of Ψ in the checkpointed blocks (their parameters are used again by recompute)."""
     in_layers = sum(p.numel() for p in model.layers.parameters())
     return in_layers / sum(p.numel() for p in model.parameters())
-
-
-def _comm_notes(knobs: Knobs, *, recomputed_fraction: float = 0.0) -> dict[str, Any]:
-    """Why the measured volume differs from theory.dp_comm_elements, and by how much
-    (bus bytes per rank per step; Ψ parameters, N ranks, m micro-batches)."""
-    if knobs.dp == 1:
-        return {}
-    m = knobs.microbatches
-    if knobs.zero == 0:
-        return {"comm_vs_theory": "gradients all-reduced once per step from one flat buffer "
-                                  "(engine.allreduce_gradients): 2Ψ(N−1)/N, as theory",
-                "comm_expected_ratio": 1.0}
-    if knobs.zero in (1, 2):
-        # ZeRO-1 reduces once at the boundary; ZeRO-2 from backward hooks every micro-batch.
-        reductions = 1 if knobs.zero == 1 else m
-        theory = 2 if knobs.zero == 1 else m + 1
-        return {
-            "comm_vs_theory": (
-                "DeepSpeed 0.19.8 ZeRO-1/2 reduce each gradient bucket with an all-reduce and keep their own "
-                "slice (zero_optimization.use_multi_rank_bucket_allreduce defaults to true), not a reduce-scatter: "
-                f"{reductions} × 2Ψ(N−1)/N, then all-gather the updated parameters Ψ(N−1)/N; theory counts "
-                f"{theory} × Ψ(N−1)/N. Plus one scalar all-reduce for the gradient norm."
-            ),
-            "comm_expected_ratio": (2 * reductions + 1) / theory,
-        }
-    text = ("each parameter all-gathered before its forward and again before its backward (persistence threshold "
-            "0, reuse distance 0, no prefetch), gradients reduce-scattered: 3Ψ(N−1)/N per micro-batch, as theory. "
-            "Plus a scalar all-reduce for the gradient norm and, on the step after DeepSpeed completes its module "
-            "trace (the second), 6 small broadcasts checking the trace matches across ranks (~2 KB).")
-    if recomputed_fraction:
-        text += (f" Full checkpointing: backward's recompute gathers the blocks' parameters once more "
-                 f"(+{recomputed_fraction:.3f}Ψ(N−1)/N).")
-    return {"comm_vs_theory": text, "comm_expected_ratio": 1.0 + recomputed_fraction / 3}

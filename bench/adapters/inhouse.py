@@ -32,10 +32,24 @@ class InhouseAdapter(Adapter):
             "allreduce_ring", "allreduce_tree", "allreduce_ps", "allreduce_ps_sharded", "precision_bf16",
             "precision_fp16", "checkpointing_full", "checkpointing_selective", "checkpointing_every_k",
             *(f"optimizer_{o}" for o in NOTES), "fusion_fused", "fusion_compile", "device_cuda",
+            "tensor_parallel_1d", "sequence_parallel_megatron",
+            "pipeline_gpipe", "pipeline_1f1b", "pipeline_interleaved", "pipeline_pipedream",
         ),
     )
 
     def why_not(self, knobs: Knobs) -> str | None:
+        if knobs.pp > 1:
+            from bench.adapters.inhouse_pp import why_not_pipeline
+
+            why = why_not_pipeline(knobs)
+            if why:
+                return why
+        if knobs.tp > 1:
+            from bench.adapters.inhouse_tp import why_not_tensor_parallel
+
+            why = why_not_tensor_parallel(knobs)
+            if why:
+                return why
         if knobs.offload == "optimizer+params":
             return "offload_params: parameter offload (ZeRO-Infinity style) is not implemented in impl/zero.py"
         if knobs.allreduce != "backend" and knobs.zero:
@@ -51,6 +65,18 @@ class InhouseAdapter(Adapter):
         return super().why_not(knobs)
 
     def build(self, knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
+        if dims.tp > 1:
+            # Tensor (+ sequence) parallel has its own plan: it shards the weights
+            # before data parallel sees them, and its loss is vocab-parallel.
+            from bench.adapters.inhouse_tp import build_tensor_parallel
+
+            return build_tensor_parallel(knobs, model, dims, device)
+        if knobs.pp > 1:
+            # A pipeline cuts the model into stages and owns its step (schedule,
+            # point-to-point, gradient all-reduce across replicas after the flush).
+            from bench.adapters.inhouse_pp import build_pipeline
+
+            return build_pipeline(knobs, model, dims, device)
         notes: dict = {"model_type": "impl.model.Decoder", "optimizer_impl": NOTES[knobs.optimizer]}
         # Plan order (torchtitan's): op fusion (it replaces block forwards) →
         # activation checkpointing (wraps those forwards) → compile → mixed

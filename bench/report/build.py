@@ -53,9 +53,18 @@ def _png(fig) -> str:
 
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    # bbox_inches="tight" keeps long titles and legends placed outside the axes in the image.
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def _legend_outside(ax) -> None:
+    """Legend to the right of the axes: inside, it hid bars (seen in the headless-browser screenshot)."""
+    import seaborn as sns
+
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
 
 
 def _plot(df: pd.DataFrame, metric: str, title: str) -> str | None:
@@ -72,6 +81,7 @@ def _plot(df: pd.DataFrame, metric: str, title: str) -> str | None:
     sns.barplot(data=data, y="label", x=metric, hue="adapter", dodge=False, ax=ax, orient="h")
     ax.set_title(title)
     ax.set_ylabel("")
+    _legend_outside(ax)
     return _png(fig)
 
 
@@ -92,6 +102,7 @@ def _step_plot(records: list[dict[str, Any]]) -> str | None:
     sns.pointplot(data=data, y="cell", x="step_ms", hue="adapter", estimator="median", errorbar=("pi", 80), linestyle="none", ax=ax)
     ax.set_title("step time (median, p10–p90 bars)")
     ax.set_ylabel("")
+    _legend_outside(ax)
     return _png(fig)
 
 

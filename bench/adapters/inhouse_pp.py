@@ -1,0 +1,188 @@
+"""The inhouse adapter's pipeline plan: ``impl/pipeline.py`` + ``impl/pipeline_schedules.py``.
+
+Ranks form a dp × pp grid (tp = 1): pipeline rank = (rank // tp) % pp, as in
+``ParallelDims.coords``; each data-parallel replica is one pipeline over
+``pp`` consecutive ranks. Blocks are cut into pp·v stages balanced by
+parameter count (stage 0 counts the embedding, the last the head).
+
+Synchronous schedules (GPipe, 1F1B, interleaved) scale each micro-batch's
+loss by 1/m, all-reduce the gradients across replicas after the flush and
+step once: a step equals the single-process full-batch step. PipeDream steps
+after every micro-batch (see ``impl.pipeline_schedules``).
+
+Record notes: the schedule, the partition, and per rank the most micro-batches
+whose activations were held at once and the measured bubble (idle ÷ busy
+compute per rank, against (p−1)/m, or (p−1)/(v·m) interleaved). Rank 0 writes
+the record, so the other ranks publish their figures through the job's
+rendezvous store (a key–value side channel that the communication meter does
+not see, keeping the metered traffic exactly the pipeline's own).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+
+import torch
+import torch.distributed as dist
+
+from bench.adapters.base import TrainStep
+from bench.adapters.inhouse_optimizers import NOTES, make_optimizer
+from bench.knobs import Knobs
+from bench.theory import bubble_fraction
+from bench.workload import Batch
+from impl.model import Decoder
+from impl.parallel_dims import ParallelDims
+from impl.pipeline import P2P, build_stages, partition_model
+from impl.pipeline_schedules import SCHEDULES, PipelineRank, allreduce_mean_grads
+
+INHOUSE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "pipedream")
+
+
+def why_not_pipeline(knobs: Knobs) -> str | None:
+    """Combinations the in-house pipeline does not compose (None when it runs)."""
+    if knobs.pp_schedule not in INHOUSE_SCHEDULES:
+        return None  # the capability table answers (zbv, …)
+    name = f"pipeline_{knobs.pp_schedule}"
+    if knobs.tp > 1:
+        return f"{name}: tp = {knobs.tp} with pp is not composed in the inhouse adapter (dp × pp only)"
+    if knobs.zero:
+        return f"{name}: zero = {knobs.zero} with pp is not composed (stages step a plain optimizer)"
+    if knobs.precision != "fp32":
+        return f"{name}: precision = {knobs.precision} with pp is not composed (stages exchange fp32 hidden states)"
+    if knobs.checkpointing != "none" or knobs.fusion != "none":
+        return f"{name}: checkpointing/fusion with pp are not composed yet"
+    if knobs.optimizer.startswith("onebit"):
+        return f"{name}: 1-bit optimizers do their own data-parallel all-reduce; not composed with pp"
+    if knobs.allreduce != "backend":
+        return f"{name}: allreduce = {knobs.allreduce} with pp is not composed (stages all-reduce with the backend)"
+    if knobs.pp_schedule == "pipedream" and knobs.dp > 1:
+        return (f"{name}: dp = {knobs.dp} replicas would all-reduce after every micro-batch update; "
+                f"wired but not yet checked against a simulation, so not offered")
+    if knobs.pp_schedule != "interleaved" and knobs.virtual_stages > 1:
+        return f"{name}: virtual_stages > 1 needs pp_schedule 'interleaved'"
+    if knobs.pp_schedule == "interleaved" and knobs.microbatches % knobs.pp:
+        return (f"{name}: interleaved 1F1B needs microbatches ({knobs.microbatches}) divisible by "
+                f"pp ({knobs.pp}) (Megatron-LM's schedule)")
+    return None
+
+
+def build_pipeline(knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
+    """This rank's stages, the schedule over them, and the train step."""
+    rank = dist.get_rank()
+    dp_rank, pp_rank, _ = dims.coords(rank)
+    pp, m, schedule = dims.pp, knobs.microbatches, knobs.pp_schedule
+    v = knobs.virtual_stages if schedule == "interleaved" else 1
+    # Every rank builds the same full model, so the partition is the same everywhere.
+    partition = partition_model(model, pp * v, balance="params")
+    chunks = build_stages(model, pp_rank, pp, v, partition=partition)
+    p2p = P2P([dp_rank * pp + i for i in range(pp)])
+    pipe = PipelineRank(chunks, p2p, dim=model.cfg.dim, device=device, stash_weights=schedule == "pipedream")
+    params = [p for c in chunks for p in c.parameters()]
+    names = [n for c in chunks for n in c.model_names]
+    optimizer = make_optimizer(knobs.optimizer, zip(names, params), fused=False)
+    dp_group = _dp_group(dims, pp_rank)
+    is_last = any(c.is_last for c in chunks)
+
+    notes: dict = {
+        "model_type": "impl.model.Decoder", "optimizer_impl": NOTES[knobs.optimizer],
+        "pipeline": (f"impl.pipeline_schedules.train_step_{schedule}, {pp * v} stages balanced by parameters "
+                     f"(rank {rank}: stages {[c.stage for c in chunks]}, "
+                     f"blocks {[list(c.layer_ids) for c in chunks]}), {m} micro-batches"
+                     + (f", dp = {dims.dp} replicas (flat gradient all-reduce after the flush)" if dims.dp > 1 else "")),
+        "pipeline_schedule": schedule,
+        "pipeline_partition": [list(r) for r in partition],
+        "bubble_theory": bubble_fraction(pp, m, schedule, v),
+        "bubble_definition": "per rank idle/busy: (schedule wall − forward/backward compute) ÷ compute, "
+                             "median over steps after the first; theory (p−1)/m of ideal time "
+                             "((p−1)/(v·m) interleaved)",
+    }
+    if schedule == "pipedream":
+        notes["pipedream"] = (f"asynchronous: one optimizer update per micro-batch per stage ({m} per step), "
+                              f"weight stashing; stage r is p−r−1 updates stale")
+    history: list[dict] = []
+    store = dist.distributed_c10d._get_default_store()
+    calls = [0]
+
+    def update() -> None:
+        if dp_group is not None:
+            allreduce_mean_grads(params, dp_group)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step(batch: Batch) -> torch.Tensor | None:
+        if rank == 0:
+            _collect(store, dims.world_size, notes)
+        s = calls[0]
+        calls[0] += 1
+        if schedule == "pipedream":
+            stats = SCHEDULES[schedule](pipe, batch.inputs, batch.targets, m, s, update)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            stats = SCHEDULES[schedule](pipe, batch.inputs, batch.targets, m)
+            update()
+        history.append({"max_in_flight": stats.max_in_flight, "max_weight_versions": stats.max_weight_versions,
+                        "busy_s": stats.busy_s, "schedule_s": stats.schedule_s, "timeline": stats.timeline})
+        summary = _summarise(history)
+        if rank == 0:
+            notes.setdefault("pipeline_by_rank", {})["0"] = summary
+            _aggregate(notes, dims.world_size)
+        else:
+            store.set(f"trainbench/pipeline/{rank}", json.dumps(summary))
+        if not is_last or not stats.losses:
+            return None
+        return torch.stack([l.float() for l in stats.losses]).mean().cpu()
+
+    train_step = TrainStep(step, modules=chunks, optimizers=[optimizer], notes=notes)
+    # TrainStep copies ``notes``; the per-step figures must land in the record's dict.
+    notes = train_step.notes
+    return train_step
+
+
+def _dp_group(dims: ParallelDims, pp_rank: int):
+    """The data-parallel group of this pipeline rank (ranks holding the same stages);
+    every rank creates every group, as ``new_group`` requires."""
+    if dims.dp == 1:
+        return None
+    mine = None
+    for r in range(dims.pp):
+        g = dist.new_group([d * dims.pp + r for d in range(dims.dp)])
+        if r == pp_rank:
+            mine = g
+    return mine
+
+
+def _summarise(history: list[dict]) -> dict:
+    steady = history[1:] or history  # the first step pays one-off costs (allocations, gloo pairs)
+    ratios = [(h["schedule_s"] - h["busy_s"]) / h["busy_s"] for h in steady if h["busy_s"] > 0]
+    idle = [1 - h["busy_s"] / h["schedule_s"] for h in steady if h["schedule_s"] > 0]
+    return {
+        "steps": len(history),
+        "max_in_flight": max(h["max_in_flight"] for h in history),
+        "max_weight_versions": max(h["max_weight_versions"] for h in history),
+        "idle_over_busy": statistics.median(ratios) if ratios else None,
+        "idle_over_total": statistics.median(idle) if idle else None,
+        "busy_s": [h["busy_s"] for h in history],
+        "schedule_s": [h["schedule_s"] for h in history],
+        "timeline_last_step": [list(e) for e in history[-1]["timeline"]],
+    }
+
+
+def _collect(store, world: int, notes: dict) -> None:
+    """Rank 0 picks up the other ranks' latest figures without waiting for any."""
+    by_rank = notes.setdefault("pipeline_by_rank", {})
+    for r in range(1, world):
+        key = f"trainbench/pipeline/{r}"
+        if store.check([key]):
+            by_rank[str(r)] = json.loads(store.get(key))
+    notes["pipeline_by_rank"] = dict(sorted(by_rank.items(), key=lambda kv: int(kv[0])))
+    _aggregate(notes, world)
+
+
+def _aggregate(notes: dict, world: int) -> None:
+    by_rank = notes.get("pipeline_by_rank", {})
+    notes["max_in_flight_by_rank"] = {r: s["max_in_flight"] for r, s in sorted(by_rank.items(), key=lambda x: int(x[0]))}
+    vals = [s["idle_over_busy"] for s in by_rank.values() if s.get("idle_over_busy") is not None]
+    notes["bubble_measured"] = statistics.mean(vals) if vals else None
+    notes["bubble_ranks_reported"] = len(by_rank)
+    if notes["bubble_measured"] is not None and notes.get("bubble_theory"):
+        notes["bubble_measured_over_theory"] = notes["bubble_measured"] / notes["bubble_theory"]
