@@ -2,8 +2,6 @@
 measured ÷ theory, failures with reasons. Images are inlined (no network)."""
 from __future__ import annotations
 
-import base64
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -12,10 +10,13 @@ import jinja2
 import pandas as pd
 
 from bench.knobs import Knobs
+from bench.report.plots import (busbw_plot, loss_parity_plots, metric_plot, pipeline_timeline_plots, scaling_plots,
+                                step_plot)
 from bench.results import read_records
 
 DEFAULTS = {name: field.default for name, field in Knobs.model_fields.items()}
 LABEL_KNOBS = ("world_size", "tp", "pp", "zero", "offload", "precision", "optimizer", "microbatches", "checkpointing",
+               "checkpoint_every", "freeze_step",
                "allreduce", "fusion", "attention", "sequence_parallel", "pp_schedule", "workload", "message_bytes", "fault")
 THEORY_TOLERANCE = {"comm_bytes_per_step": 0.01, "model_state_total": 0.05}
 _TEMPLATES = jinja2.Environment(
@@ -43,89 +44,59 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "comm_mib_per_step": (m["comm_bytes_per_step"] / 2**20) if m else None,
             "final_loss": next((l for l in reversed(m.get("losses") or []) if l is not None), None) if m else None,
             "fixed_cost_s": (r.get("timing") or {}).get("fixed_cost_s"),
+            "group": technique_group(r),
         })
     return pd.DataFrame(rows)
 
 
-def _png(fig) -> str:
-    """A finished figure as inline base64 PNG (the page needs no network)."""
-    import matplotlib.pyplot as plt
+def technique_group(record: dict[str, Any]) -> str:
+    """The group a cell is plotted under: its first non-baseline technique's group."""
+    from bench.techniques import BY_NAME
 
-    fig.tight_layout()
-    buf = io.BytesIO()
-    # bbox_inches="tight" keeps long titles and legends placed outside the axes in the image.
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    groups = [BY_NAME[t].group for t in techniques_of(record) if t in BY_NAME
+              and t not in ("data_parallel", "optimizer_adamw")]
+    return groups[0] if groups else "baseline"
 
 
-def _legend_outside(ax) -> None:
-    """Legend to the right of the axes: inside, it hid bars (seen in the headless-browser screenshot)."""
-    import seaborn as sns
+def techniques_of(record: dict[str, Any]) -> list[str]:
+    """The record's techniques (older records: derived from its config)."""
+    if record.get("techniques") is not None:
+        return record["techniques"]
+    from bench.techniques import used_by
 
-    if ax.get_legend() is not None:
-        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
-
-
-def _plot(df: pd.DataFrame, metric: str, title: str) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    data = df.dropna(subset=[metric])
-    if data.empty:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(data) + 1.2))
-    sns.barplot(data=data, y="label", x=metric, hue="adapter", dodge=False, ax=ax, orient="h")
-    ax.set_title(title)
-    ax.set_ylabel("")
-    _legend_outside(ax)
-    return _png(fig)
+    try:
+        return used_by(Knobs.model_validate({k: v for k, v in record["config"].items() if k in DEFAULTS}))
+    except ValueError:
+        return []
 
 
-def _step_plot(records: list[dict[str, Any]]) -> str | None:
-    """Raw step-time samples per cell, so the spread (the CI) is visible."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    rows = [{"cell": f"{r['adapter']} {r['cell_id']}", "adapter": r["adapter"], "step_ms": s * 1e3}
-            for r in records if r.get("metrics") for s in r["metrics"]["step_time_s"]]
-    if not rows:
-        return None
-    data = pd.DataFrame(rows)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * data["cell"].nunique() + 1.2))
-    sns.pointplot(data=data, y="cell", x="step_ms", hue="adapter", estimator="median", errorbar=("pi", 80), linestyle="none", ax=ax)
-    ax.set_title("step time (median, p10–p90 bars)")
-    ax.set_ylabel("")
-    _legend_outside(ax)
-    return _png(fig)
-
-
-def _busbw_plot(records: list[dict[str, Any]]) -> str | None:
-    """busbw against message size for the all-reduce workload (log-log)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    rows = [{"message_bytes": r["config"]["message_bytes"], "busbw_gb_per_s": r["metrics"]["busbw_bytes_per_s"] / 1e9,
-             "algorithm": r["config"]["allreduce"], "ranks": r["config"]["world_size"]}
-            for r in records if r.get("metrics") and r["config"].get("workload") == "allreduce"]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    sns.lineplot(data=pd.DataFrame(rows), x="message_bytes", y="busbw_gb_per_s", hue="algorithm", style="ranks",
-                 markers=True, ax=ax)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_title("all-reduce bus bandwidth (nccl-tests busbw), GB/s")
-    return _png(fig)
+def support_matrix(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Adapter × technique as this run found it: ok, or the status and reason of
+    the cells that used it (from the records alone; no adapter is imported)."""
+    adapters = sorted({r["adapter"] for r in records})
+    techniques = sorted({t for r in records for t in techniques_of(r)})
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in records:
+        for t in techniques_of(r):
+            entry = cells.setdefault((r["adapter"], t), {"ok": 0, "other": []})
+            if r["status"] == "ok":
+                entry["ok"] += 1
+            else:
+                entry["other"].append(f"{r['status']}: {r.get('reason') or ''}")
+    rows = []
+    for t in techniques:
+        row = {"technique": t, "cells": []}
+        for a in adapters:
+            e = cells.get((a, t))
+            if e is None:
+                row["cells"].append({"text": "—", "cls": "", "title": "not in this run"})
+            elif e["ok"] and not e["other"]:
+                row["cells"].append({"text": "ok", "cls": "ok", "title": f"{e['ok']} cell(s) ok"})
+            else:
+                text = "ok*" if e["ok"] else e["other"][0].split(":")[0]
+                row["cells"].append({"text": text, "cls": "warn", "title": " | ".join(e["other"])[:600]})
+        rows.append(row)
+    return {"adapters": adapters, "rows": rows}
 
 
 def theory_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -180,7 +151,7 @@ def checkpointing_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         predicted = t0 - t1 if t0 is not None and t1 is not None else None
         rows.append({"cell": r["cell_id"], "twin": twin["cell_id"], "adapter": r["adapter"],
                      "mode": f"{r['config']['checkpointing']}" + (f" every {r['config']['checkpoint_every']}"
-                                                                   if r["config"]["checkpoint_every"] > 1 else ""),
+                                                                   if r["config"].get("checkpoint_every", 1) > 1 else ""),
                      "peak_mib": r["metrics"]["peak_mem_bytes"] / 2**20, "twin_peak_mib": twin["metrics"]["peak_mem_bytes"] / 2**20,
                      "measured_drop_mib": measured / 2**20, "predicted_drop_mib": predicted / 2**20 if predicted else None,
                      "ratio": measured / predicted if predicted else None})
@@ -194,12 +165,16 @@ def write_report(results_file: Path, out_root: Path) -> Path:
     suite, run_id = records[0]["suite"], records[0]["run_id"]
     df = frame(records)
     plots = [(title, img) for title, img in (
-        ("step time", _step_plot(records)),
-        ("tokens/s", _plot(df, "tokens_per_s", "tokens per second (global)")),
-        ("peak memory", _plot(df, "peak_mem_mib", "peak live-tensor / allocated memory, MiB (max over ranks)")),
-        ("communication", _plot(df, "comm_mib_per_step", "communication bus MiB per step per rank")),
-        ("MFU", _plot(df, "mfu_pct", "MFU %")),
-        ("all-reduce busbw", _busbw_plot(records)),
+        ("step time", step_plot(records)),
+        *((f"{what} — {group}", metric_plot(df[(df.group == group) | (df.group == "baseline")], metric,
+                                             f"{what}: {group} techniques beside the baseline cells"))
+          for what, metric in (("tokens/s", "tokens_per_s"), ("peak memory MiB", "peak_mem_mib"),
+                               ("communication MiB/step", "comm_mib_per_step"), ("MFU %", "mfu_pct"))
+          for group in sorted(set(df.group) - {"baseline"}) or ["baseline"]),
+        ("all-reduce busbw", busbw_plot(records)),
+        *loss_parity_plots(records),
+        *scaling_plots(records),
+        *pipeline_timeline_plots(records),
     ) if img]
     columns = ["cell", "label", "status", "step_time_ms", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
                "comm_mib_per_step", "final_loss", "fixed_cost_s"]
@@ -207,6 +182,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
         suite=suite, run_id=run_id, env=records[0]["env"], table=df[columns].to_dict("records"), columns=columns,
         failures=[r for r in records if r["status"] != "ok"], theory=theory_rows(records), plots=plots,
         optimizer_state=optimizer_state_rows(records), checkpointing=checkpointing_rows(records),
+        support=support_matrix(records), tolerances=THEORY_TOLERANCE,
         sources=sorted({(r["metrics"] or {}).get("peak_mem_source") for r in records if r.get("metrics")} - {None}),
         peak_sources=sorted({(r["metrics"] or {}).get("peak_flops_source") for r in records if r.get("metrics")} - {None}),
     )

@@ -1,0 +1,61 @@
+"""The report's derived sections, from records alone: support matrix, loss
+parity, scaling and pipeline timelines (golden smoke records, plus copies
+varied the way a scaling or pipeline run would vary them)."""
+from __future__ import annotations
+
+import copy
+import json
+
+from bench.report.build import support_matrix
+from bench.report.plots import loss_parity_plots, pipeline_timeline_plots, scaling_plots
+from tests.test_report_and_export import GOLDEN
+
+
+def _records():
+    return [json.loads(line) for line in GOLDEN.read_text().splitlines() if line.strip()]
+
+
+def test_support_matrix_reads_statuses_and_reasons():
+    records = _records()
+    refused = copy.deepcopy(records[0])
+    refused.update(adapter="colossalai", status="unsupported", metrics=None, techniques=["data_parallel", "zero1"],
+                   reason="zero1: not on cpu: LowLevelZeroPlugin: 'AssertionError: device is required'")
+    matrix = support_matrix([*records, refused])
+    assert matrix["adapters"] == ["colossalai", "inhouse", "torch"]
+    rows = {row["technique"]: dict(zip(matrix["adapters"], row["cells"])) for row in matrix["rows"]}
+    assert rows["data_parallel"]["inhouse"]["text"] == rows["data_parallel"]["torch"]["text"] == "ok"
+    assert rows["zero1"]["colossalai"]["text"] == "unsupported" and "LowLevelZeroPlugin" in rows["zero1"]["colossalai"]["title"]
+    assert rows["zero1"]["inhouse"]["text"] == "—"  # not in this run
+    del records[0]["techniques"]  # an older record: derived from its config
+    assert "data_parallel" in [row["technique"] for row in support_matrix(records[:1])["rows"]]
+
+
+def test_loss_parity_groups_cells_that_differ_only_in_adapter():
+    plots = loss_parity_plots(_records())
+    assert len(plots) == 1 and plots[0][1] and len(plots[0][1]) > 1000
+    single = [r for r in _records() if r["adapter"] == "inhouse"]
+    assert loss_parity_plots(single) == []  # one adapter: nothing to overlay
+
+
+def test_scaling_plot_needs_a_series_in_one_knob():
+    base = next(r for r in _records() if r["status"] == "ok" and r["adapter"] == "inhouse")
+    assert scaling_plots([base]) == []
+    series = []
+    for ws in (1, 2, 4):
+        r = copy.deepcopy(base)
+        r["config"]["world_size"] = r["config"]["dp"] = ws
+        r["metrics"]["tokens_per_s"] *= ws
+        series.append(r)
+    plots = scaling_plots(series)
+    assert [title for title, _ in plots] == ["scaling with world_size"] and plots[0][1]
+
+
+def test_pipeline_timeline_drawn_from_the_notes():
+    r = copy.deepcopy(next(r for r in _records() if r["status"] == "ok"))
+    r["config"].update(pp=2, pp_schedule="1f1b", microbatches=2)
+    r["notes"]["pipeline_by_rank"] = {
+        "0": {"timeline_last_step": [["F", 0, 0, 0.0, 0.002], ["F", 1, 0, 0.002, 0.004], ["B", 0, 0, 0.006, 0.009]]},
+        "1": {"timeline_last_step": [["F", 0, 1, 0.002, 0.004], ["B", 0, 1, 0.004, 0.006]]},
+    }
+    plots = pipeline_timeline_plots([r])
+    assert len(plots) == 1 and r["cell_id"] in plots[0][0] and plots[0][1]
