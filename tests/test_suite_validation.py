@@ -117,3 +117,14 @@ def test_validate_prints_cells(tmp_path) -> None:
     _, cells = parse_suite(GOOD)
     for c in cells:
         assert c.id in out
+
+
+def test_every_shipped_suite_validates_and_the_gpu_check_parses():
+    """Each suite under suites/ (the GPU ones included, validated here on CPU)
+    loads and expands; scripts/gpu_check.sh is valid bash."""
+    from bench.suite import load_suite
+
+    for path in sorted((ROOT / "suites").glob("*.yaml")):
+        _, cells = load_suite(path)
+        assert cells, path
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
