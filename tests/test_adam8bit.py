@@ -21,8 +21,8 @@ from impl.optim.adam8bit import Adam8bit, state_bytes
 from impl.optim.quantization import create_dynamic_map, dequantize_blockwise, quantize_blockwise, roundtrip_bound
 from impl.stable_embedding import StableEmbedding
 
-bnb = pytest.importorskip("bitsandbytes")
-bnbF = pytest.importorskip("bitsandbytes.functional")
+import bitsandbytes as bnb  # noqa: E402  (a required dependency: never skipped)
+import bitsandbytes.functional as bnbF  # noqa: E402
 
 HP = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
 BNB_BLOCK = 256
