@@ -101,6 +101,9 @@ class TorchAdapter(Adapter):
             apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sp)
             notes["tensor_parallel"] = f"DTensor parallelize_module, torchtitan Llama plan (tp={dims.tp}" + (
                 ", SequenceParallel norms)" if sp else ")")
+            notes["comm_vs_theory"] = ("the plan all-gathers the full (B, T, V) logits for the loss; Megatron's "
+                                       "vocab-parallel cross-entropy (the theory, and the in-house TP) all-reduces "
+                                       "3 values per token instead")
         _checkpoint_and_compile(model, knobs, notes)
         forward, no_sync, optimizer, stepper = model, nullcontext, None, None
         if knobs.zero >= 2:

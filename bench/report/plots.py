@@ -26,7 +26,11 @@ def _png(fig) -> str:
     """A finished figure as inline base64 PNG (the page needs no network)."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    import warnings
+
+    with warnings.catch_warnings():  # crowded multi-axes figures: bbox_inches="tight" below still fits them
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
     buf = io.BytesIO()
     # bbox_inches="tight" keeps long titles and legends placed outside the axes in the image.
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
