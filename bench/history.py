@@ -120,7 +120,7 @@ def load_runs(results_dir: Path) -> tuple[list[Run], list[dict[str, Any]]]:
 
 
 def build_series(runs: list[Run], records: list[dict[str, Any]]) -> list[Series]:
-    from bench.report.build import DEFAULTS, LABEL_KNOBS
+    from bench.report.labels import cell_label
 
     index = {(run.suite, run.run_id): i for i, run in enumerate(runs)}
     latest: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -130,9 +130,7 @@ def build_series(runs: list[Run], records: list[dict[str, Any]]) -> list[Series]
     series: dict[tuple[str, str, str], Series] = {}
     for (suite, key, run), r in sorted(latest.items(), key=lambda kv: kv[0][2]):
         c, m = r["config"], r["metrics"]
-        shown = " ".join(f"{k}={v}" for k, v in c.items() if k in LABEL_KNOBS and k != "fault"
-                         and (k == "world_size" or v != DEFAULTS.get(k)))
-        label = f"{r['adapter']} {shown}"
+        label = f"{r['adapter']} {cell_label(c, drop=('fault',))}"
         for metric, (name, *_rest) in METRICS.items():
             value = m.get(name)
             if value is None:

@@ -2,7 +2,6 @@
 measured ÷ theory, failures with reasons. Images are inlined (no network)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +9,11 @@ import jinja2
 import pandas as pd
 
 from bench.knobs import Knobs
+from bench.report.labels import DEFAULTS, cell_label, config_key
 from bench.report.plots import (busbw_plot, loss_parity_plots, metric_plot, pipeline_timeline_plots, scaling_plots,
                                 step_plot)
 from bench.results import read_records
 
-DEFAULTS = {name: field.default for name, field in Knobs.model_fields.items()}
-LABEL_KNOBS = ("world_size", "tp", "pp", "zero", "offload", "precision", "optimizer", "microbatches", "checkpointing",
-               "checkpoint_every", "freeze_step",
-               "allreduce", "fusion", "attention", "sequence_parallel", "pp_schedule", "workload", "message_bytes", "fault")
 THEORY_TOLERANCE = {"comm_bytes_per_step": 0.01, "model_state_total": 0.05}
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("bench.report", "templates"),
@@ -31,10 +27,9 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     for r in records:
         m, c = r.get("metrics") or {}, r["config"]
         knobs = {k: c[k] for k in ("world_size", "dp", "tp", "pp", "zero", "precision", "optimizer", "microbatches")}
-        shown = {k: v for k, v in c.items() if k in LABEL_KNOBS and (k == "world_size" or v != DEFAULTS.get(k))}
         rows.append({
             "cell": r["cell_id"], "adapter": r["adapter"], "status": r["status"], "reason": r.get("reason") or "",
-            "label": f"{r['adapter']} " + " ".join(f"{k}={v}" for k, v in shown.items()),
+            "label": f"{r['adapter']} {cell_label(c)}",
             **knobs,
             "step_time_ms": m.get("step_time_median_s", float("nan")) * 1e3 if m else float("nan"),
             "tokens_per_s": m.get("tokens_per_s") if m else None,
@@ -137,7 +132,7 @@ def checkpointing_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     otherwise): the measured fall in peak memory ÷ the predicted fall in
     activation bytes (``theory.activation_bytes_model``)."""
     def key(c: dict) -> str:
-        return json.dumps({k: v for k, v in c.items() if k not in ("checkpointing", "checkpoint_every")}, sort_keys=True)
+        return config_key(c, ("checkpointing", "checkpoint_every"))
 
     ok = [r for r in records if r["status"] == "ok" and (r.get("metrics") or {}).get("peak_mem_bytes")]
     plain = {key(r["config"]): r for r in ok if r["config"]["checkpointing"] == "none"}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from typing import Any
 
 import pandas as pd
+
+from bench.report.labels import cell_label, config_key
 
 IDENTITY_IGNORED = ("adapter",)
 SCALING_KNOBS = ("world_size", "seq_len", "microbatches")
@@ -102,17 +103,6 @@ def _ok(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["status"] == "ok" and r.get("metrics")]
 
 
-def _key(config: dict[str, Any], drop: tuple[str, ...]) -> str:
-    return json.dumps({k: v for k, v in config.items() if k not in drop and k != "dp"}, sort_keys=True)
-
-
-def _label(config: dict[str, Any], drop: tuple[str, ...]) -> str:
-    from bench.report.build import DEFAULTS, LABEL_KNOBS
-
-    shown = [f"{k}={config[k]}" for k in LABEL_KNOBS if k in config and k not in drop and config[k] != DEFAULTS.get(k)]
-    return " ".join(shown) or "defaults"
-
-
 def loss_parity_plots(records: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
     """Loss against step for every group of cells that differ only in the adapter
     (same model, data, seed and technique): the frameworks' curves must overlay."""
@@ -121,7 +111,7 @@ def loss_parity_plots(records: list[dict[str, Any]]) -> list[tuple[str, str | No
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in _ok(records):
         if r["config"].get("workload", "train") == "train" and r["metrics"].get("losses"):
-            groups.setdefault(_key(r["config"], IDENTITY_IGNORED), []).append(r)
+            groups.setdefault(config_key(r["config"], IDENTITY_IGNORED), []).append(r)
     groups = {k: v for k, v in groups.items() if len({r["adapter"] for r in v}) > 1}
     if not groups:
         return []
@@ -135,7 +125,7 @@ def loss_parity_plots(records: list[dict[str, Any]]) -> list[tuple[str, str | No
         ref = [l for l in members[0]["metrics"]["losses"]]
         worst = max((abs(a - b) / abs(b) for r in members[1:] for a, b in zip(r["metrics"]["losses"], ref)
                      if a is not None and b), default=0.0)
-        ax.set_title(f"{_label(members[0]['config'], IDENTITY_IGNORED)} — max rel. diff {worst:.1e}", fontsize=9)
+        ax.set_title(f"{cell_label(members[0]['config'], drop=IDENTITY_IGNORED, always=())} — max rel. diff {worst:.1e}", fontsize=9)
         _legend_outside(ax)
     return [("loss parity (same cell, each adapter)", _png(fig))]
 
@@ -150,12 +140,12 @@ def scaling_plots(records: list[dict[str, Any]]) -> list[tuple[str, str | None]]
         series: dict[str, list[dict[str, Any]]] = {}
         for r in _ok(records):
             if r["metrics"].get("tokens_per_s"):
-                series.setdefault(_key(r["config"], (knob,)), []).append(r)
+                series.setdefault(config_key(r["config"], (knob,)), []).append(r)
         series = {k: v for k, v in series.items() if len({r["config"][knob] for r in v}) > 1}
         if not series:
             continue
         rows = [{knob: r["config"][knob], "tokens_per_s": r["metrics"]["tokens_per_s"],
-                 "series": f"{r['adapter']} {_label(r['config'], (knob,))}"} for v in series.values() for r in v]
+                 "series": f"{r['adapter']} {cell_label(r['config'], drop=(knob,), always=())}"} for v in series.values() for r in v]
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(7, 3.6))
         sns.lineplot(data=pd.DataFrame(rows), x=knob, y="tokens_per_s", hue="series", marker="o", ax=ax)
