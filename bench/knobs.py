@@ -55,7 +55,9 @@ class Knobs(BaseModel):
     attention: Attention = "dense"
     batch_size: int = Field(default=8, strict=True, ge=1)
     seq_len: int = Field(default=64, strict=True, ge=1)
-    strategy: Literal["manual", "auto"] = "manual"
+    strategy: Literal["manual", "auto", "fsdp1"] = "manual"
+    """`auto`: the planner picks the degrees; `fsdp1`: the `torch` adapter shards
+    with FSDP1 (FullyShardedDataParallel) instead of FSDP2."""
     workload: Literal["train", "allreduce"] = "train"
     """`train` trains the decoder; `allreduce` times one all-reduce of
     `message_bytes` per step with the `allreduce` algorithm (adapter inhouse)."""

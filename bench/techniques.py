@@ -58,6 +58,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         for a in ("sliding_window", "dilated", "global", "random", "block_local", "longformer", "bigbird")
     ),
     Technique("strategy_auto", "other", _knob("strategy", "auto")),
+    Technique("strategy_fsdp1", "memory", _knob("strategy", "fsdp1")),
     Technique("device_cuda", "device", _knob("device", "cuda")),
 )
 

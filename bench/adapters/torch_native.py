@@ -40,7 +40,7 @@ class TorchAdapter(Adapter):
             ),
             **runs_everywhere(
                 "tensor_parallel_1d", "sequence_parallel_megatron", "pipeline_gpipe", "pipeline_1f1b",
-                "pipeline_interleaved", "pipeline_zbv", "fusion_compile",
+                "pipeline_interleaved", "pipeline_zbv", "fusion_compile", "strategy_fsdp1",
             ),
             "device_cuda": ALL_DEVICES,
         },
@@ -59,6 +59,13 @@ class TorchAdapter(Adapter):
     )
 
     def why_not(self, knobs: Knobs) -> str | None:
+        if knobs.strategy == "fsdp1":
+            from bench.adapters.torch_fsdp1 import why_not_fsdp1
+
+            why = why_not_fsdp1(knobs)
+            if why:
+                return why
+            return super().why_not(knobs)
         if knobs.offload == "optimizer":
             return ("offload_optimizer: FSDP2 offloads parameters, gradients and optimizer state together "
                     "(CPUOffloadPolicy); use offload: optimizer+params with zero: 3")
@@ -106,7 +113,13 @@ class TorchAdapter(Adapter):
                                        "3 values per token instead")
         _checkpoint_and_compile(model, knobs, notes)
         forward, no_sync, optimizer, stepper = model, nullcontext, None, None
-        if knobs.zero >= 2:
+        if knobs.strategy == "fsdp1":
+            from bench.adapters.torch_fsdp1 import wrap_fsdp1
+
+            forward = wrap_fsdp1(model, knobs, dims, device, notes)
+            no_sync, model = forward.no_sync, forward
+            optimizer = torch_optimizer(knobs.optimizer, forward.parameters())
+        elif knobs.zero >= 2:
             forward, no_sync = _apply_fsdp2(model, knobs, dims, device, notes, dp_mesh)
             optimizer = torch_optimizer(knobs.optimizer, model.parameters())
         elif dims.dp > 1:
@@ -133,7 +146,7 @@ class TorchAdapter(Adapter):
             from bench.adapters.torch_tp import ReduceGradsThenStep
 
             update = ReduceGradsThenStep(optimizer)
-        if knobs.precision != "fp32" and knobs.zero < 2:
+        if knobs.precision != "fp32" and knobs.zero < 2 and knobs.strategy != "fsdp1":
             dtype = torch.bfloat16 if knobs.precision == "bf16" else torch.float16
             autocast = lambda: torch.autocast(device.type, dtype=dtype)  # noqa: E731
             notes["precision"] = f"torch.autocast({device.type}, {dtype}), fp32 parameters"
