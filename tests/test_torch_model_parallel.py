@@ -118,3 +118,12 @@ def test_compile_per_block(recs):
     # compile cost itself is not asserted: inductor's on-disk cache makes it
     # 50 s cold and ~3 s warm.
     assert r["metrics"]["comm"]["all_reduce"]["bytes"] == recs["ws2-tp1"]["metrics"]["comm"]["all_reduce"]["bytes"]
+
+
+def test_tp_embedding_gradient_is_replicated_and_explained(recs):
+    # DTensor's embedding backward returns the Shard(0) embedding's gradient as
+    # Replicate, so gradients exceed parameters by exactly the missing vocab rows.
+    r = recs["ws2-tp2"]
+    state = r["metrics"]["model_state_bytes"]
+    assert state["grads"] - state["params"] == CFG.vocab_size * CFG.dim * 4 // 2
+    assert "embedding backward" in r["notes"]["model_state_vs_theory"]

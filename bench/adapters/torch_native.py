@@ -27,6 +27,8 @@ from bench.workload import Batch, optimizer_spec, torch_optimizer
 from impl.model import Decoder, lm_loss
 from impl.parallel_dims import ParallelDims
 
+_SPARSE = ("sliding_window", "dilated", "global", "random", "block_local", "longformer", "bigbird")
+
 
 class TorchAdapter(Adapter):
     name = "torch"
@@ -43,6 +45,7 @@ class TorchAdapter(Adapter):
                 "pipeline_interleaved", "pipeline_zbv", "fusion_compile", "strategy_fsdp1",
             ),
             "device_cuda": ALL_DEVICES,
+            **{f"attention_{a}": frozenset({"cuda"}) for a in _SPARSE},
         },
         reasons={
             **{f"tensor_parallel_{m}": "torch has only 1D DTensor TP (Colwise/Rowwise); no 2D/2.5D/3D grids"
@@ -55,6 +58,9 @@ class TorchAdapter(Adapter):
             "allreduce_tree": "PyTorch uses its backend's all-reduce (NCCL/gloo choose the algorithm)",
             "allreduce_ps": "PyTorch has no parameter-server all-reduce",
             "allreduce_ps_sharded": "PyTorch has no parameter-server all-reduce",
+            **{f"attention_{a}": "flex_attention (BlockMask) has no backward on CPU in torch 2.13 "
+                                 "('FlexAttention does not support backward on CPU'); compiled on CUDA"
+               for a in _SPARSE},
         },
     )
 
@@ -87,6 +93,12 @@ class TorchAdapter(Adapter):
 
     def build(self, knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
         notes: dict[str, Any] = {"model_type": "impl.model.Decoder"}
+        if knobs.attention != "dense":
+            # Sparse attention first: compiled flex_attention with a BlockMask of the
+            # pattern's layout replaces attention.core before anything wraps the blocks.
+            from bench.attention_bench import sparse_notes
+
+            notes["attention"] = sparse_notes(knobs, model)
         # Plan order (torchtitan's): tensor parallel → activation checkpointing →
         # compile → data parallel wrapper. TP first, so checkpointing and compile
         # see the sharded blocks; FSDP last, so it shards the DTensor weights
@@ -111,6 +123,10 @@ class TorchAdapter(Adapter):
             notes["comm_vs_theory"] = ("the plan all-gathers the full (B, T, V) logits for the loss; Megatron's "
                                        "vocab-parallel cross-entropy (the theory, and the in-house TP) all-reduces "
                                        "3 values per token instead")
+            if dims.dp == 1 or knobs.zero < 2:
+                notes["model_state_vs_theory"] = (
+                    "DTensor's embedding backward returns the vocab-sharded embedding's gradient as Replicate: every "
+                    "rank holds the full V×D gradient (+V·D·(t−1)/t values over the sharded theory)")
         _checkpoint_and_compile(model, knobs, notes)
         forward, no_sync, optimizer, stepper = model, nullcontext, None, None
         if knobs.strategy == "fsdp1":
