@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", help="name the run (default: UTC timestamp + random suffix)")
     p.add_argument("--force", action="store_true", help=f"allow more than {MAX_CELLS} cells")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--launcher", choices=["local", "slurm"], help="override the suite's launcher")
+    p.add_argument("--dry-run", action="store_true", help="slurm: write and print the sbatch scripts, submit nothing")
+    p.add_argument("--node-rank", type=int, default=0, help="nodes > 1, launcher local: this node's rank (same --run-id on every node)")
+    p.add_argument("--simulate-nodes", action="store_true", help="nodes > 1: start every node's torchrun agent on this host")
 
     p = sub.add_parser("validate", help="check a suite and print its expanded cells")
     p.add_argument("suite")
@@ -61,6 +65,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-threshold", type=float, default=0.02, help="relative change of memory/comm bytes that can be a step")
     p.add_argument("--alpha", type=float, default=0.05, help="significance of the Mann-Whitney U test, before Bonferroni")
 
+    p = sub.add_parser("explain", help="why two cells differ: breakdown, collectives, memory, timelines (needs `profile`)")
+    p.add_argument("results", help="a run's .jsonl or a suite folder (newest run)")
+    p.add_argument("cell_a", help="cell id, unique id prefix, or label")
+    p.add_argument("cell_b")
+    p.add_argument("--out", default="reports", help="reports root; writes OUT/<suite>/<run>/explain-A-B.html")
+
+    p = sub.add_parser("plan", help="auto-parallelism: rank dp×tp×pp/micro-batch/ZeRO/offload/checkpointing plans")
+    p.add_argument("--model", required=True, help="model preset, e.g. llama-7b")
+    p.add_argument("--gpus", type=int, required=True, help="devices (ranks) the job uses")
+    p.add_argument("--gpu-mem-gib", type=float, help="memory per device (GiB); plans over it are pruned")
+    p.add_argument("--batch-size", type=int, help="global batch in sequences (default 4 × gpus)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048 on cuda, 128 on cpu)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--gpu-type", help="GPU name for the peak table when no profile is given (default H100 SXM)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--adapter", choices=["inhouse", "torch", "deepspeed", "colossalai"],
+                   help="only plans this adapter runs (default: any adapter)")
+    p.add_argument("--profile", help="machine profile JSON (bench calibrate); default: see README")
+    p.add_argument("--max-microbatches", type=int, default=32)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--emit-suite", metavar="OUT.yaml", help="write a suite measuring the top plans")
+
+    p = sub.add_parser("calibrate", help="measure this machine for the planner (matmul, memory, collectives)")
+    p.add_argument("--out", help="profile JSON (default results/machine_profiles/<host>.json)")
+    p.add_argument("--ranks", default="2", help="comma-separated group sizes for the collectives (default 2)")
+
     sub.add_parser("list", help="adapter × technique support matrix")
     sub.add_parser("doctor", help="what is installed, the device, and why an adapter is unavailable")
 
@@ -68,7 +99,27 @@ def main(argv: list[str] | None = None) -> int:
     return {
         "run": cmd_run, "validate": cmd_validate, "report": cmd_report, "export": cmd_export,
         "theory": cmd_theory, "list": cmd_list, "doctor": cmd_doctor, "compare": cmd_compare, "history": cmd_history,
+        "explain": cmd_explain, "plan": cmd_plan, "calibrate": cmd_calibrate,
     }[args.command](args)
+
+
+def cmd_plan(args) -> int:
+    from bench.plan import cmd_plan as plan
+
+    return plan(args, console)
+
+
+def cmd_calibrate(args) -> int:
+    from impl.auto_parallel.calibrate import calibrate, default_profile_path
+
+    try:
+        sizes = tuple(int(x) for x in args.ranks.split(","))
+    except ValueError:
+        err_console.print(f"error: --ranks {args.ranks!r}: expected comma-separated integers")
+        return 2
+    profile = calibrate(args.out, group_sizes=sizes)
+    console.print(f"{profile.source}\nprofile: {args.out or default_profile_path()}", soft_wrap=True)
+    return 0
 
 
 def _load(path: str, force: bool):
@@ -86,19 +137,22 @@ def cmd_validate(args) -> int:
     suite, cells = loaded
     from bench import adapters
 
+    from bench.fit import available_bytes, describe, fit_reason
     from bench.knobs import Knobs
 
     console.print(f"{suite.name}: {len(cells)} cells (steps={suite.steps}, warmup={suite.warmup}, "
-                  f"timeout_s={suite.timeout_s:g})", highlight=False)
+                  f"timeout_s={suite.timeout_s:g}, launcher={suite.launcher}, nodes={suite.nodes}"
+                  f"{f' × {suite.nproc_per_node}' if suite.nproc_per_node else ''})", highlight=False)
     base = Knobs(world_size=1).resolved()
     shown = ("adapter", "world_size", "dp", "tp", "pp")
     for c in cells:
         k = c.knobs.resolved()
         diff = " ".join(f"{n}={v}" for n, v in k.items() if n not in shown and v != base[n])
-        verdict = adapters.why_not(c.knobs)
+        verdict = adapters.why_not(c.knobs) or fit_reason(c.knobs, available_bytes(suite, c.knobs.device))
         console.print(
             f"{c.index:>4} {c.id} {c.label:<15} {k['adapter']:<10} ws={k['world_size']} dp={k['dp']} tp={k['tp']} "
-            f"pp={k['pp']} {diff}\n       -> {'runs' if not verdict else 'unsupported: ' + verdict}",
+            f"pp={k['pp']} {diff}\n       -> {'runs' if not verdict else 'unsupported: ' + verdict}"
+            f"\n       {describe(c.knobs, available_bytes(suite, c.knobs.device))}",
             highlight=False, soft_wrap=True,
         )
     return 0
@@ -131,7 +185,27 @@ def cmd_run(args) -> int:
     except OSError as exc:
         err_console.print(f"error: results directory {results_root} is not writable: {exc}", soft_wrap=True)
         return 2
-    runner = Runner(suite, cells, results_root=results_root, run_id=run_id, progress=not args.no_progress)
+    from bench.launch import make_launcher
+
+    if args.launcher:
+        suite = suite.model_copy(update={"launcher": args.launcher})
+    try:
+        launcher = make_launcher(suite, node_rank=args.node_rank, simulate_nodes=args.simulate_nodes,
+                                 dry_run=args.dry_run, echo=print)
+    except (ValueError, FileNotFoundError) as exc:
+        err_console.print(f"error: {exc}", soft_wrap=True)
+        return 2
+    runner = Runner(suite, cells, results_root=results_root, run_id=run_id, launcher=launcher, progress=not args.no_progress)
+    if args.dry_run:
+        for cell in cells:
+            prepared = runner.prepare(cell)
+            if isinstance(prepared, dict):
+                console.print(f"# {cell.id}: {prepared['status']}: {prepared['reason']}", soft_wrap=True)
+                continue
+            launcher.launch(payload=prepared[0] / "payload.json", world_size=cell.knobs.world_size,
+                            timeout_s=suite.timeout_s, env=prepared[1])
+        console.print(f"dry run: {len(cells)} cell(s), nothing submitted, no record written", highlight=False)
+        return 0
 
     def show(rec) -> None:
         m = rec["metrics"] or {}
@@ -180,6 +254,31 @@ def cmd_report(args) -> int:
             return 2
         out = write_report(f, Path(args.out))
         console.print(f"report: {out}", highlight=False)
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from bench.explain import compare, config_diff, find_cell, page_name, write_page
+    from bench.results import read_records, resolve_results
+
+    try:
+        path = resolve_results(args.results)[-1]
+        _check_report_names(path)
+        records = list(read_records(path))
+        a, b = find_cell(records, args.cell_a), find_cell(records, args.cell_b)
+    except (FileNotFoundError, ValueError) as exc:  # ExplainError is a ValueError
+        err_console.print(f"error: {exc}", soft_wrap=True)
+        return 2
+    table = Table(title=f"A = {a['cell_id']}  vs  B = {b['cell_id']}")
+    for col in ("quantity", "A", "B", "B ÷ A", "reading"):
+        table.add_column(col)
+    for k, va, vb in config_diff(a, b):
+        table.add_row(f"knob {k}", str(va), str(vb), "", "")
+    for r in compare(a, b):
+        table.add_row(r["quantity"], r["a"], r["b"], r["ratio"], r["reading"])
+    console.print(table)
+    out = write_page(a, b, Path(args.out) / a["suite"] / a["run_id"] / page_name(a, b))
+    console.print(f"explain: {out}", highlight=False)
     return 0
 
 

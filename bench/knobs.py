@@ -53,14 +53,20 @@ class Knobs(BaseModel):
     fusion: Literal["none", "fused", "compile"] = "none"
     allreduce: Literal["backend", "ring", "tree", "ps", "ps_sharded"] = "backend"
     attention: Attention = "dense"
+    attention_block: int = Field(default=64, strict=True, ge=1)
+    """Sparse attention: tokens per block (the unit computed or skipped); seq_len must be a multiple."""
+    attention_window: int = Field(default=1, strict=True, ge=0)
+    """Sparse attention: band half-width in blocks (causal: blocks to the left); see impl/sparse_patterns.py."""
     batch_size: int = Field(default=8, strict=True, ge=1)
     seq_len: int = Field(default=64, strict=True, ge=1)
     strategy: Literal["manual", "auto", "fsdp1"] = "manual"
     """`auto`: the planner picks the degrees; `fsdp1`: the `torch` adapter shards
     with FSDP1 (FullyShardedDataParallel) instead of FSDP2."""
-    workload: Literal["train", "allreduce"] = "train"
+    workload: Literal["train", "allreduce", "attention"] = "train"
     """`train` trains the decoder; `allreduce` times one all-reduce of
-    `message_bytes` per step with the `allreduce` algorithm (adapter inhouse)."""
+    `message_bytes` per step with the `allreduce` algorithm (adapter inhouse);
+    `attention` times one attention-core forward + backward per step at the
+    model's head shape (bench/attention_bench.py)."""
     message_bytes: int = Field(default=2**20, strict=True, ge=4, le=2**34)
     fault: Fault = "none"
     """Test-only fault injection: raise, hang, oom (a real failed allocation),
@@ -90,7 +96,7 @@ class Knobs(BaseModel):
             object.__setattr__(self, "dp", dims.dp)
         _check_tp_mode(self.tp, self.tp_mode, self.tp_depth)
         cfg = PRESETS[self.model]
-        if self.tp_mode == "1d" and cfg.n_kv_heads % self.tp:
+        if self.tp_mode == "1d" and self.sequence_parallel != "ring" and cfg.n_kv_heads % self.tp:
             raise ValueError(
                 f"tp = {self.tp} does not divide the {cfg.n_kv_heads} key/value heads of model {self.model!r}"
             )
@@ -112,6 +118,8 @@ class Knobs(BaseModel):
             raise ValueError(f"checkpoint_every = {self.checkpoint_every} needs checkpointing = 'full'")
         if self.checkpoint_every > cfg.n_layers:
             raise ValueError(f"checkpoint_every = {self.checkpoint_every} exceeds the {cfg.n_layers} layers of {self.model!r}")
+        if self.sequence_parallel == "ring":
+            _check_ring(self.tp, self.tp_mode, self.seq_len)
         if self.sequence_parallel == "megatron" and self.tp < 2:
             raise ValueError("sequence_parallel = 'megatron' needs tp >= 2")
         if self.offload == "optimizer" and self.zero < 1:
@@ -124,6 +132,10 @@ class Knobs(BaseModel):
 
     @model_validator(mode="after")
     def _workload(self) -> "Knobs":
+        if self.attention != "dense" and self.seq_len % self.attention_block:
+            raise ValueError(f"seq_len = {self.seq_len} is not a multiple of attention_block = {self.attention_block}")
+        if self.workload == "attention" and (self.tp > 1 or self.pp > 1 or self.zero or self.dp != self.world_size):
+            raise ValueError("workload = 'attention' times one attention core per rank: tp, pp and zero must be off")
         if self.workload == "allreduce":
             if self.adapter != "inhouse":
                 raise ValueError("workload = 'allreduce' times impl/allreduce.py: use adapter = 'inhouse' "
@@ -141,6 +153,18 @@ class Knobs(BaseModel):
     def resolved(self) -> dict[str, Any]:
         """Every knob with its resolved value, JSON-ready."""
         return self.model_dump(mode="json")
+
+
+def _check_ring(tp: int, mode: str, seq_len: int) -> None:
+    """Ring self-attention (arXiv 2105.13120): the tp ranks form the ring and
+    split the sequence; weights stay replicated (no tensor sharding)."""
+    if tp < 2:
+        raise ValueError("sequence_parallel = 'ring' needs tp >= 2 (the ring is the tp ranks, which split the sequence)")
+    if mode != "1d":
+        raise ValueError(f"sequence_parallel = 'ring' uses tp as the ring size; tp_mode must be '1d', got {mode!r}")
+    if seq_len % tp:
+        raise ValueError(f"seq_len = {seq_len} is not divisible by tp = {tp} (sequence_parallel = 'ring' splits "
+                         "the sequence across the tp ranks)")
 
 
 def _check_tp_mode(tp: int, mode: str, depth: int) -> None:

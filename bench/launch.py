@@ -3,7 +3,11 @@
 ``LocalTorchrun`` runs torchrun (one node, c10d rendezvous on 127.0.0.1) in a
 new session, so a timeout can kill the agent and every rank as one process
 group; ranks also die with their agent (PR_SET_PDEATHSIG, set in the worker).
-Multi-node torchrun and SLURM come later behind the same interface.
+``MultiNodeTorchrun`` runs this node's agent of a cell that spans ``nnodes``
+nodes meeting at one c10d rendezvous endpoint (or, to simulate a cluster, every
+node's agent on this host). SLURM (``bench.slurm``) submits the same torchrun
+command through ``sbatch``/``srun``. ``make_launcher`` picks one from the run
+settings.
 
 Nothing a local cell starts listens beyond loopback: ``torchrun --standalone``
 hosts its TCPStores on every interface (``::``, whatever the host name says),
@@ -22,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psutil
 
@@ -106,25 +110,129 @@ class LocalTorchrun:
         return {k: v for k, v in {"GLOO_SOCKET_IFNAME": lo, "NCCL_SOCKET_IFNAME": lo}.items() if k not in os.environ}
 
     def launch(self, *, payload: Path, world_size: int, timeout_s: float, env: dict[str, str]) -> LaunchOutcome:
-        out, err = payload.parent / "stdout.log", payload.parent / "stderr.log"
-        start, start_unix = time.perf_counter(), time.time()
-        with open(out, "wb") as fo, open(err, "wb") as fe:
-            proc = subprocess.Popen(
-                self.command(payload, world_size),
-                stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.network_env(), **env}, start_new_session=True, preexec_fn=_pdeathsig,
-                cwd=Path(__file__).resolve().parent.parent,
-            )
-            timed_out = False
+        return run_agents([self.command(payload, world_size)], payload.parent, timeout_s, {**self.network_env(), **env})
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_agents(commands: list[list[str]], cell_dir: Path, timeout_s: float, env: dict[str, str]) -> LaunchOutcome:
+    """Start every torchrun agent (each in its own session), wait for all of
+    them, kill every one past ``timeout_s``. The first agent logs to
+    stdout.log/stderr.log, agent k > 0 to stdout.node<k>.log/stderr.node<k>.log;
+    the outcome's return code is the first non-zero one."""
+    start, start_unix = time.perf_counter(), time.time()
+    logs = [(cell_dir / f"stdout{'' if k == 0 else f'.node{k}'}.log", cell_dir / f"stderr{'' if k == 0 else f'.node{k}'}.log")
+            for k in range(len(commands))]
+    procs: list[subprocess.Popen] = []
+    timed_out = False
+    try:
+        for cmd, (out, err) in zip(commands, logs):
+            with open(out, "wb") as fo, open(err, "wb") as fe:
+                procs.append(subprocess.Popen(
+                    cmd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env={**os.environ, **env},
+                    start_new_session=True, preexec_fn=_pdeathsig, cwd=REPO,
+                ))
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
             try:
-                proc.wait(timeout=timeout_s)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 timed_out = True
-                kill_tree(proc)
-            except BaseException:
-                kill_tree(proc)  # Ctrl-C: leave nothing behind
-                raise
-        return LaunchOutcome(proc.returncode, timed_out, time.perf_counter() - start, start_unix, out, err)
+                break
+    except BaseException:
+        for proc in procs:
+            kill_tree(proc)  # Ctrl-C: leave nothing behind
+        raise
+    if timed_out:
+        for proc in procs:
+            kill_tree(proc)
+    codes = [p.returncode for p in procs]
+    code = next((c for c in codes if c != 0), codes[0])
+    return LaunchOutcome(code, timed_out, time.perf_counter() - start, start_unix, *logs[0])
+
+
+def torchrun_args(*, nnodes: int | str, nproc_per_node: int | str, rdzv_endpoint: str, rdzv_id: str) -> list[str]:
+    """The multi-node part of a torchrun command line, shared by every launcher
+    (torchrun ignores ``--node-rank`` with c10d: the rendezvous assigns ranks)."""
+    return [f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+
+
+def rdzv_id_for(payload: Path) -> str:
+    """Every node derives the same rendezvous id for a cell: run id + cell id
+    (the scratch folder is ``.<run-id>/<cell-id>/payload.json``)."""
+    return f"{payload.parent.parent.name.lstrip('.')}-{payload.parent.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class MultiNodeTorchrun:
+    """One cell over ``nnodes`` × ``nproc_per_node`` ranks: this host starts the
+    agents of ``node_ranks`` (a cluster node: its own rank; a simulation: every
+    rank, all on this host) and they meet the other nodes' agents at the c10d
+    rendezvous on ``rdzv_endpoint``. The worker takes its device from
+    LOCAL_RANK and everything else from the global RANK. Each node's local
+    rank 0 writes the (gathered, identical) record into its own scratch folder,
+    so the node running the recorder has it whichever node got global rank 0."""
+
+    nnodes: int
+    nproc_per_node: int
+    rdzv_endpoint: str
+    node_ranks: tuple[int, ...] = (0,)
+    name: str = "multinode"
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 2:
+            raise ValueError(f"nodes = {self.nnodes}: a multi-node launch needs nodes >= 2")
+        bad = [r for r in self.node_ranks if not 0 <= r < self.nnodes]
+        if bad or not self.node_ranks:
+            raise ValueError(f"node_rank = {bad or list(self.node_ranks)} is outside 0..{self.nnodes - 1} (nodes = {self.nnodes})")
+        check_endpoint(self.rdzv_endpoint)
+
+    @property
+    def simulated(self) -> bool:
+        return len(self.node_ranks) > 1
+
+    def command(self, payload: Path, node_rank: int) -> list[str]:
+        cmd = [sys.executable, "-m", "bench.launch",
+               *torchrun_args(nnodes=self.nnodes, nproc_per_node=self.nproc_per_node,
+                              rdzv_endpoint=self.rdzv_endpoint, rdzv_id=rdzv_id_for(payload))]
+        # No --node-rank: with c10d the rendezvous assigns node ranks (torchrun ignores it).
+        if self.simulated:
+            # Every agent has the endpoint's address: say which one hosts the store.
+            cmd += [f"--rdzv-conf=is_host={int(node_rank == 0)}", f"--local-addr={LOOPBACK}"]
+        return [*cmd, "-m", "bench.worker", str(payload)]
+
+    def launch(self, *, payload: Path, world_size: int, timeout_s: float, env: dict[str, str]) -> LaunchOutcome:
+        if world_size != self.nnodes * self.nproc_per_node:
+            raise ValueError(f"world_size = {world_size} but nodes × nproc_per_node = {self.nnodes} × {self.nproc_per_node}")
+        net = LocalTorchrun.network_env() if self.rdzv_endpoint.rsplit(":", 1)[0] in (LOOPBACK, "localhost") else {}
+        return run_agents([self.command(payload, r) for r in self.node_ranks], payload.parent, timeout_s, {**net, **env})
+
+
+def check_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"rdzv_endpoint = {endpoint!r}: expected HOST:PORT with a port in 1..65535")
+    return host, int(port)
+
+
+def make_launcher(run: Any, *, node_rank: int = 0, simulate_nodes: bool = False, dry_run: bool = False,
+                  echo: Any = None) -> Launcher:
+    """The launcher the run settings ask for (``launcher``, ``nodes``,
+    ``nproc_per_node``, ``rdzv_endpoint``, ``slurm``)."""
+    if run.launcher == "slurm":
+        from bench.slurm import SlurmLauncher
+
+        return SlurmLauncher(run.slurm, nodes=run.nodes, nproc_per_node=run.nproc_per_node, dry_run=dry_run, echo=echo)
+    if dry_run:
+        raise ValueError("--dry-run writes sbatch scripts: it needs launcher = 'slurm'")
+    if run.nodes == 1:
+        if simulate_nodes or node_rank:
+            raise ValueError("--simulate-nodes and --node-rank need nodes >= 2 in the run settings")
+        return LocalTorchrun()
+    ranks = tuple(range(run.nodes)) if simulate_nodes else (node_rank,)
+    return MultiNodeTorchrun(run.nodes, run.nproc_per_node, run.rdzv_endpoint, ranks)
 
 
 def _serve_stores_on_loopback() -> None:

@@ -77,13 +77,31 @@ class Runner:
         return self._env
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
+        prepared = self.prepare(cell)
+        if isinstance(prepared, dict):
+            return prepared  # decided before launch
+        cell_dir, env = prepared
+        outcome = self.launcher.launch(payload=cell_dir / "payload.json", world_size=cell.knobs.world_size,
+                                       timeout_s=self.suite.timeout_s, env=env)
+        return self._classify(cell, cell_dir, outcome)
+
+    def prepare(self, cell: Cell) -> dict[str, Any] | tuple[Path, dict[str, str]]:
+        """The pre-launch verdict (an ``unsupported`` record: adapter, device, or
+        predicted memory over the device's), or the scratch folder holding
+        ``payload.json`` and the ranks' environment."""
         knobs = cell.knobs
-        reason = adapters.why_not(knobs) or _device_missing(knobs.device)
+        # A launcher whose ranks run elsewhere (SLURM) cannot judge the device from here.
+        here = not getattr(self.launcher, "remote", False)
+        reason = adapters.why_not(knobs) or (here and _device_missing(knobs.device)) or self._fit(knobs)
         if reason:
             return self._record(cell, status="unsupported", reason=reason)
         cell_dir = self.run_file.path.parent / f".{self.run_file.run_id}" / cell.id
         threads = max(1, (os.cpu_count() or 1) // knobs.world_size)
         payload = {"knobs": knobs.resolved(), "steps": self.suite.steps, "warmup": self.suite.warmup, "seed": self.suite.seed}
+        if self.suite.profiles(knobs):  # traces next to the results: <run_id>.profiles/<cell_id>/rank<R>.trace.json.gz
+            trace_dir = f"{self.run_file.run_id}.profiles/{cell.id}"
+            payload["profile_dir"] = str((self.run_file.path.parent / trace_dir).resolve())
+            payload["profile_trace_dir"] = trace_dir
         if knobs.device == "cpu":
             payload["cpu_peak_flops"] = self._cpu_peak(threads)
             payload["cpu_peak_source"] = f"measured: fp32 matmul probe, {threads} thread(s) per rank"
@@ -94,9 +112,12 @@ class Runner:
         except OSError as exc:
             raise ResultsWriteError(exc.errno, f"cannot write the scratch folder {cell_dir}: {exc.strerror or exc}") from exc
         env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "TORCHELASTIC_ERROR_FILE": str(cell_dir / "torchelastic.json")}
-        outcome = self.launcher.launch(payload=cell_dir / "payload.json", world_size=knobs.world_size,
-                                       timeout_s=self.suite.timeout_s, env=env)
-        return self._classify(cell, cell_dir, outcome)
+        return cell_dir, env
+
+    def _fit(self, knobs) -> str | None:
+        from bench.fit import available_bytes, fit_reason
+
+        return fit_reason(knobs, available_bytes(self.suite, knobs.device))
 
     def _cpu_peak(self, threads: int) -> float:
         if threads not in self._cpu_peaks:
@@ -158,7 +179,7 @@ class Runner:
             "techniques": used_by(knobs),
             "run": {"steps": self.suite.steps, "warmup": self.suite.warmup, "seed": self.suite.seed, "timeout_s": self.suite.timeout_s},
             "env": {**self.env, "device_name": result["device_name"] if result else None},
-            "notes": result["notes"] if result else {},
+            "notes": {**(result["notes"] if result else {}), **({"plan": cell.plan} if cell.plan else {})},
             "metrics": metrics,
             "theory": theory,
             "theory_ratio": ratios(metrics, theory) if metrics else {},

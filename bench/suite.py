@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bench.knobs import KNOB_NAMES, Knobs, identity
+from bench.slurm import SlurmSettings
 
 MAX_CELLS = 1000
 """Matrices larger than this need ``--force`` (a typo can otherwise queue a night of runs)."""
@@ -45,6 +46,38 @@ class RunSettings(BaseModel):
     """Wall-clock limit per cell; the whole process group is killed past it."""
     seed: int = Field(default=0, ge=0)
     launcher: Literal["local", "slurm"] = "local"
+    """`local`: torchrun on this host (with `nodes` > 1, this node's agent);
+    `slurm`: one sbatch job per cell running `srun torchrun` (bench.slurm)."""
+    nodes: int = Field(default=1, ge=1, le=4096)
+    """Nodes one cell spans (torchrun --nnodes); > 1 needs `nproc_per_node`, and
+    every cell's world_size must then equal nodes × nproc_per_node."""
+    nproc_per_node: int | None = Field(default=None, ge=1, le=1024)
+    """Ranks (GPUs) per node; none: each cell's world_size on one node."""
+    rdzv_endpoint: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$")
+    """HOST:PORT of the c10d rendezvous (node 0) for `launcher: local` with `nodes` > 1."""
+    device_memory_gib: float | None = Field(default=None, gt=0)
+    """Memory per device for the pre-launch fit check (bench.fit); none: the
+    visible CUDA device's total for cuda cells, no check for cpu cells."""
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+    """sbatch settings for `launcher: slurm`."""
+    profile: bool | list[dict[str, Any]] = False
+    """One extra, untimed step under torch.profiler after the timed ones
+    (bench.meters.profile): `true` for every cell, or a list of knob selectors
+    (like `exclude` entries) naming the cells to profile. Not a knob: cell ids
+    do not change."""
+    machine_profile: str | None = None
+    """Machine profile JSON for the planner (`strategy: auto`, `predict`); none:
+    results/machine_profiles/<host>.json for cpu cells (calibrated when absent),
+    the GPU peak table with a default α–β for cuda cells (bench.plan)."""
+    predict: bool = False
+    """Attach the planner's predicted step time and memory to every training cell (notes.plan)."""
+
+    def profiles(self, knobs: Knobs) -> bool:
+        """Whether the cell with these knobs gets the profiled step."""
+        if isinstance(self.profile, bool):
+            return self.profile
+        config = knobs.resolved()
+        return any(all(_same(config.get(k), v) for k, v in sel.items()) for sel in self.profile)
 
 
 class Suite(RunSettings):
@@ -70,6 +103,8 @@ class Cell:
     index: int
     label: str
     knobs: Knobs
+    plan: dict[str, Any] | None = None
+    """`strategy: auto` or `predict`: the planner's choice and prediction (bench.plan)."""
 
     @property
     def id(self) -> str:
@@ -131,6 +166,8 @@ def expand(suite: Suite, *, source: str = "<suite>", max_cells: int = MAX_CELLS)
         problems += _unknown_keys(entry, KNOB_NAMES, "knob", where=f"exclude[{i}]")
     for i, entry in enumerate(suite.include):
         problems += _unknown_keys(entry, KNOB_NAMES, "knob", where=f"include[{i}]")
+    for i, entry in enumerate(suite.profile if isinstance(suite.profile, list) else []):
+        problems += _unknown_keys(entry, KNOB_NAMES, "knob", where=f"profile[{i}]")
     for knob, values in suite.matrix.items():
         if not values:
             problems.append(f"matrix.{knob}: the list of values is empty")
@@ -164,7 +201,16 @@ def expand(suite: Suite, *, source: str = "<suite>", max_cells: int = MAX_CELLS)
         except ValidationError as exc:
             problems += _describe(exc, prefix=f"{label}: ")
             continue
-        cell = Cell(index=len(cells), label=label, knobs=knobs)
+        plan = None
+        if knobs.strategy == "auto" or suite.predict:  # resolved before launch: the best plan's knobs
+            from bench.plan import attach
+
+            try:
+                knobs, plan = attach(knobs, suite)
+            except ValueError as exc:
+                problems.append(f"{label}: {exc}")
+                continue
+        cell = Cell(index=len(cells), label=label, knobs=knobs, plan=plan)
         if cell.id in seen:
             continue
         seen.add(cell.id)
@@ -173,7 +219,30 @@ def expand(suite: Suite, *, source: str = "<suite>", max_cells: int = MAX_CELLS)
         raise SuiteError(source, problems)
     if not cells:
         raise SuiteError(source, ["the suite expands to no cells (matrix, exclude and include leave nothing)"])
+    problems = placement_problems(suite, cells)
+    if problems:
+        raise SuiteError(source, problems)
     return cells
+
+
+def placement_problems(run: RunSettings, cells: list[Cell]) -> list[str]:
+    """Node-level settings against every cell: a multi-node cell uses every rank
+    of every node; a one-node cell must fit on the node."""
+    problems = []
+    if run.nodes > 1 and run.nproc_per_node is None:
+        problems.append(f"nproc_per_node: required when nodes = {run.nodes} (ranks per node)")
+    if run.nodes > 1 and run.launcher == "local" and run.rdzv_endpoint is None:
+        problems.append(f"rdzv_endpoint: required when nodes = {run.nodes} and launcher = 'local' (HOST:PORT of node 0)")
+    if run.nproc_per_node is None:
+        return problems
+    for c in cells:
+        ws = c.knobs.world_size
+        if run.nodes > 1 and ws != run.nodes * run.nproc_per_node:
+            problems.append(f"{c.label}: world_size = {ws} but nodes × nproc_per_node = "
+                            f"{run.nodes} × {run.nproc_per_node} = {run.nodes * run.nproc_per_node}")
+        elif run.nodes == 1 and ws > run.nproc_per_node:
+            problems.append(f"{c.label}: world_size = {ws} exceeds nproc_per_node = {run.nproc_per_node} (nodes = 1)")
+    return problems
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-THEORY_VERSION = "zero-sc20+korthikanti22+pipedream+optimizer-state+onebit+megatron-tp+pp-p2p-v3"
+THEORY_VERSION = "zero-sc20+korthikanti22+pipedream+optimizer-state+onebit+megatron-tp+pp-p2p-v3+ring-sp"
 
 # Optimizer state bytes per parameter kept in fp32 (excluding a master copy).
 # 1-bit LAMB also keeps a fresh variance and the previous momentum (Li et al. 2021, Alg. 1).
@@ -238,8 +238,13 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
 
     cfg = PRESETS[knobs.model]
     psi = total_params(cfg)
+    if knobs.workload == "attention":  # one attention core, no model state, no communication
+        return {"version": THEORY_VERSION, "params": None, "comm_bytes_per_step": None, "model_state_bytes": None,
+                "bubble_fraction": None, "activation_bytes": None, "activation_bytes_model": None}
     pure_dp = knobs.tp == 1 and knobs.pp == 1
-    tp_1d = knobs.tp > 1 and knobs.pp == 1 and knobs.tp_mode == "1d"
+    # Ring self-attention: the tp ranks split the sequence, weights replicated.
+    ring = knobs.sequence_parallel == "ring" and knobs.tp > 1 and knobs.pp == 1
+    tp_1d = knobs.tp > 1 and knobs.pp == 1 and knobs.tp_mode == "1d" and not ring
     elem = PRECISION_BYTES[knobs.precision]
     comm = None
     if knobs.workload == "allreduce":
@@ -253,6 +258,9 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
     elif knobs.pp > 1 and knobs.tp == 1 and knobs.dp == 1 and knobs.pp_schedule in ("gpipe", "1f1b", "interleaved",
                                                                                     "pipedream"):
         comm = max(_pipeline_comm_by_rank(knobs, cfg, elem, warmup))
+    elif ring and knobs.zero == 0:
+        comm = ring_sp_comm_bytes(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, ring=knobs.tp, dp=knobs.dp,
+                                  bytes_per_value=elem)
     elif tp_1d and knobs.zero == 0:
         comm = tp_comm_bytes(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, tp=knobs.tp, dp=knobs.dp,
                              sequence_parallel=knobs.sequence_parallel == "megatron", bytes_per_value=elem)
@@ -271,11 +279,12 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
                                       offload=knobs.offload != "none", optimizer_bytes=opt_bytes)
         except ValueError:
             state = None
-    elif state is not None and not pure_dp:
+    elif state is not None and not (pure_dp or ring):
         state = None  # PP sharding formulas arrive with pipeline parallelism
     micro_b = knobs.batch_size // (knobs.dp * knobs.microbatches)
     act = cfg.n_layers * activation_bytes_per_layer(
-        s=knobs.seq_len, b=micro_b, h=cfg.dim, a=cfg.n_heads, tp=knobs.tp,
+        s=knobs.seq_len // knobs.tp if ring else knobs.seq_len, b=micro_b, h=cfg.dim, a=cfg.n_heads,
+        tp=1 if ring else knobs.tp,
         sequence_parallel=knobs.sequence_parallel == "megatron", recompute=knobs.checkpointing,
         bytes_per_value=elem,
     )
@@ -292,7 +301,7 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
         "model_state_bytes": state,
         "bubble_fraction": bubble_fraction(knobs.pp, knobs.microbatches, knobs.pp_schedule, knobs.virtual_stages),
         "activation_bytes": act,
-        "activation_bytes_model": _model_activation_bytes(knobs, cfg, micro_b) if pure_dp else None,
+        "activation_bytes_model": _model_activation_bytes(knobs, cfg, micro_b) if pure_dp or ring else None,
     }
 
 
@@ -311,8 +320,9 @@ def _pipeline_comm_by_rank(knobs: Any, cfg: Any, elem: int, warmup: int | None) 
 def _model_activation_bytes(knobs: Any, cfg: Any, micro_b: int) -> float:
     """This decoder's activations for one micro-batch on one rank (fp32 values;
     ``activation_values_per_layer``), with every ``checkpoint_every``-th block
-    keeping only its input under full recompute."""
-    s = knobs.seq_len
+    keeping only its input under full recompute. Ring sequence parallel: the
+    rank's s/r tokens (Li et al. 2021)."""
+    s = knobs.seq_len // knobs.tp if knobs.sequence_parallel == "ring" else knobs.seq_len
     plain = activation_values_per_layer(cfg, s, micro_b, "none")
     wrapped = cfg.n_layers // knobs.checkpoint_every if knobs.checkpointing != "none" else 0
     kept = activation_values_per_layer(cfg, s, micro_b, knobs.checkpointing) if wrapped else 0
@@ -393,3 +403,25 @@ def tp_comm_bytes(cfg: Any, *, b: int, s: int, tp: int, dp: int = 1, sequence_pa
     norms = (2 * L + 1) * h * bytes_per_value * ar if sequence_parallel else 0.0
     grads = 2 * tp_local_params(cfg, tp) * bytes_per_value * (dp - 1) / dp
     return act + loss + norms + grads
+
+
+# ---- sequence parallel: ring self-attention (Li et al. 2021) ----
+
+def ring_sp_comm_bytes(cfg: Any, *, b: int, s: int, ring: int, dp: int = 1, bytes_per_value: int = 4) -> float:
+    """Bus bytes per rank and step of ring self-attention (arXiv 2105.13120;
+    ``impl.ring_attention``), b sequences of s tokens per data-parallel replica
+    split into r chunks of s/r; one K plus one V chunk = 2·b·(s/r)·h_a values
+    (h_a = n_heads·head_dim: the core's K/V, after the GQA repeat):
+
+    * per layer, forward: r − 1 K/V sends per rank (send bus factor 1);
+    * backward: r − 1 K/V sends again (blocks are recomputed from the saved
+      LSE) and r − 1 sends of the dK/dV accumulators → 3(r − 1) per layer;
+    * the weight gradients, replicated on all W = r·N_d ranks, all-reduced
+      over them: 2Ψ(W − 1)/W.
+    """
+    from impl.model_config import total_params
+
+    chunk = 2 * b * (s // ring) * cfg.n_heads * cfg.head_dim * bytes_per_value
+    p2p = cfg.n_layers * 3 * (ring - 1) * chunk
+    w = ring * dp
+    return p2p + 2 * total_params(cfg) * bytes_per_value * (w - 1) / w

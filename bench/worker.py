@@ -34,7 +34,7 @@ def _die_with_parent() -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.uname().nodename}.{os.getpid()}.tmp")  # nodes may share the folder
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
 
@@ -67,7 +67,9 @@ def main(argv: list[str]) -> int:
         _write_json(cell_dir / f"error.rank{rank}.json", {"status": status, "reason": f"{type(exc).__name__}: {exc}", "traceback": tail})
         print(tail, file=sys.stderr, flush=True)
         return 1
-    if rank == 0:
+    if rank == 0 or os.environ.get("LOCAL_RANK") == "0":
+        # Every node's first rank writes the (gathered, identical) record, so the
+        # node whose runner classifies the cell has it wherever global rank 0 ran.
         _write_json(cell_dir / "result.json", record)
     return 0
 
@@ -115,6 +117,11 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
 
                 step_fn, notes = build_allreduce_step(knobs, device)
                 state_tensors = dict
+            elif knobs.workload == "attention":
+                from bench.attention_bench import build_attention_step
+
+                step_fn, notes = build_attention_step(knobs, device)
+                state_tensors = dict
             else:
                 step_fn, notes, state_tensors = _build_training(knobs, dims, device, seed, rank, world)
             losses: list[torch.Tensor | None] = []
@@ -160,9 +167,20 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
             "model_state_bytes": state,
             "phases": phases,
         }
+        if payload.get("profile_dir"):  # one extra step, after the timed ones, under torch.profiler
+            from bench.meters.profile import profile_step
+
+            mine["profile"] = profile_step(step_fn, warmup + steps, device=device, state_tensors=state_tensors,
+                                           out_dir=Path(payload["profile_dir"]), rank=rank)
         everyone: list[dict[str, Any]] = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(everyone, mine)
-        return _combine(everyone, knobs, payload, notes, device)
+        record = _combine(everyone, knobs, payload, notes, device)
+        if payload.get("profile_dir"):
+            from bench.meters.profile import combine
+
+            record["metrics"]["profile"] = combine([r["profile"] for r in everyone], record["metrics"],
+                                                   step_index=warmup + steps, trace_dir=payload["profile_trace_dir"])
+        return record
     finally:
         dist.destroy_process_group()
 
@@ -243,7 +261,11 @@ def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict
         }}
     tokens_per_s = knobs.batch_size * knobs.seq_len / stats["median_s"]
     cfg = model_config(knobs.model)
-    fpt = flops_per_token(cfg, knobs.seq_len)
+    # Sparse attention: only computed blocks count (attention density), so MFU is never overstated.
+    from bench.attention_bench import attention_density
+
+    fpt = flops_per_token(cfg, knobs.seq_len, attention_density=attention_density(knobs),
+                          attention_only=knobs.workload == "attention")
     flops_per_device = fpt * tokens_per_s / knobs.world_size
     device_name = _device_name(device)
     if device.type == "cuda":
@@ -263,6 +285,7 @@ def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict
             "tokens_per_s_per_device": tokens_per_s / knobs.world_size,
             "flops_per_token": fpt,
             "flops_formula": FLOPS_FORMULA_VERSION,
+            "attention_density": attention_density(knobs),
             "tflops_per_device": flops_per_device / 1e12,
             "peak_flops_per_device": peak,
             "peak_flops_source": peak_source if peak else None,

@@ -39,6 +39,11 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt2-124m": ModelConfig(vocab_size=50304, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048),
     "llama-1b": ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192),
     "llama-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
+    # Long-sequence variants for sparse attention (suites/sparse_attention.yaml, gpu-1x).
+    "tiny-long": ModelConfig(vocab_size=1024, dim=64, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=192,
+                             max_seq_len=16384),
+    "gpt2-124m-long": ModelConfig(vocab_size=50304, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048,
+                                  max_seq_len=32768),
 }
 
 

@@ -19,6 +19,9 @@ print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__versi
       f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, nccl available: {dist.is_nccl_available()}")
 PY
 
+# The GPU-only tests (deselected on CPU machines): flex_attention gradients on CUDA.
+"$BIN/python" -m pytest -m gpu -q -p no:cacheprovider || echo "GPU tests failed (exit $?)"
+
 timeout 480 "$BIN/bench" run "$SUITE" --results "$OUT" --no-progress || echo "bench run exited $? (records so far are kept)"
 name=$("$BIN/python" -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$SUITE")
 "$BIN/bench" report "$OUT/$name"

@@ -128,3 +128,12 @@ def test_every_shipped_suite_validates_and_the_gpu_check_parses():
         _, cells = load_suite(path)
         assert cells, path
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
+    # The scale-out suites: node layouts hold for every cell (checked at load),
+    # and every cell has a memory prediction against the declared device.
+    nightly, _ = load_suite(ROOT / "suites" / "nightly-8gpu.yaml")
+    multi, cells = load_suite(ROOT / "suites" / "multinode.yaml")
+    assert (nightly.nodes, nightly.nproc_per_node) == (1, 8) and (multi.nodes, multi.nproc_per_node) == (2, 8)
+    assert multi.launcher == "slurm" and {c.knobs.world_size for c in cells} == {16}
+    for name, n in (("nightly-8gpu", 32), ("multinode", 14)):
+        out = " ".join(bench("validate", str(ROOT / "suites" / f"{name}.yaml")).stdout.split())
+        assert out.count("memory: predicted") == n and "of 80.00 GiB per device" in out, name

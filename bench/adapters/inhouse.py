@@ -32,19 +32,27 @@ class InhouseAdapter(Adapter):
             "allreduce_ring", "allreduce_tree", "allreduce_ps", "allreduce_ps_sharded", "precision_bf16",
             "precision_fp16", "checkpointing_full", "checkpointing_selective", "checkpointing_every_k",
             *(f"optimizer_{o}" for o in NOTES), "fusion_fused", "fusion_compile", "device_cuda",
-            "tensor_parallel_1d", "sequence_parallel_megatron",
-            "pipeline_gpipe", "pipeline_1f1b", "pipeline_interleaved", "pipeline_pipedream",
+            "tensor_parallel_1d", "sequence_parallel_megatron", "sequence_parallel_ring",
+            "pipeline_gpipe", "pipeline_1f1b", "pipeline_interleaved", "pipeline_pipedream", "strategy_auto",
+            *(f"attention_{a}" for a in ("sliding_window", "dilated", "global", "random", "block_local",
+                                         "longformer", "bigbird")),
         ),
     )
 
     def why_not(self, knobs: Knobs) -> str | None:
+        if knobs.sequence_parallel == "ring":
+            from bench.adapters.inhouse_ring import why_not_ring
+
+            why = why_not_ring(knobs)
+            if why:
+                return why
         if knobs.pp > 1:
             from bench.adapters.inhouse_pp import why_not_pipeline
 
             why = why_not_pipeline(knobs)
             if why:
                 return why
-        if knobs.tp > 1:
+        if knobs.tp > 1 and knobs.sequence_parallel != "ring":
             from bench.adapters.inhouse_tp import why_not_tensor_parallel
 
             why = why_not_tensor_parallel(knobs)
@@ -65,6 +73,27 @@ class InhouseAdapter(Adapter):
         return super().why_not(knobs)
 
     def build(self, knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
+        sparse = None
+        if knobs.attention != "dense":
+            # First of all: the sparse core (impl/sparse_attention.py, block-gather
+            # engine) replaces attention.core before any plan wraps or shards
+            # the blocks (selective checkpointing wraps the core it finds; TP
+            # hands the core its local heads).
+            from bench.attention_bench import sparse_notes
+
+            sparse = sparse_notes(knobs, model)
+        step = self._build(knobs, model, dims, device)
+        if sparse:
+            step.notes["attention"] = sparse
+        return step
+
+    def _build(self, knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
+        if knobs.sequence_parallel == "ring":
+            # Ring self-attention: the tp ranks split the sequence (weights
+            # replicated, K/V passed around the ring); its own plan and step.
+            from bench.adapters.inhouse_ring import build_ring
+
+            return build_ring(knobs, model, dims, device)
         if dims.tp > 1:
             # Tensor (+ sequence) parallel has its own plan: it shards the weights
             # before data parallel sees them, and its loss is vocab-parallel.

@@ -31,9 +31,16 @@ def gpu_peak_flops(device_name: str) -> float | None:
     return None
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6·N_matmul + 12·L·H·d_head·S (PaLM App. B; full S², no causal discount)."""
-    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, attention_density: float = 1.0,
+                    attention_only: bool = False) -> float:
+    """6·N_matmul + 12·L·H·d_head·S·density (PaLM App. B; full S², no causal
+    discount). ``attention_density`` (computed blocks ÷ all blocks, 1 for dense)
+    counts only the blocks a sparse pattern computes. ``attention_only``: one
+    attention core's forward + backward (the `attention` workload), 12·H·d_head·S·density."""
+    attn = 12 * cfg.n_heads * cfg.head_dim * seq_len * attention_density
+    if attention_only:
+        return attn
+    return 6 * matmul_params(cfg) + cfg.n_layers * attn
 
 
 def cpu_matmul_peak_flops(threads: int, seconds: float = 0.3, n: int = 512) -> float:

@@ -8,10 +8,13 @@ from typing import Any
 import jinja2
 import pandas as pd
 
+from bench.explain import breakdown_plot, explain_pages
 from bench.knobs import Knobs
+from bench.plan import validation as planner_validation
 from bench.report.labels import DEFAULTS, cell_label, config_key
 from bench.report.plots import (busbw_plot, loss_parity_plots, metric_plot, pipeline_timeline_plots, scaling_plots,
                                 step_plot)
+from bench.report.scaling_fit import scaling_fit_plot, scaling_rows
 from bench.results import read_records
 
 THEORY_TOLERANCE = {"comm_bytes_per_step": 0.01, "model_state_total": 0.05}
@@ -29,7 +32,7 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         knobs = {k: c[k] for k in ("world_size", "dp", "tp", "pp", "zero", "precision", "optimizer", "microbatches")}
         rows.append({
             "cell": r["cell_id"], "adapter": r["adapter"], "status": r["status"], "reason": r.get("reason") or "",
-            "label": f"{r['adapter']} {cell_label(c)}",
+            "label": f"{r['adapter']} {cell_label(c)}" + (" [patched]" if (r.get("notes") or {}).get("patched") else ""),
             **knobs,
             "step_time_ms": m.get("step_time_median_s", float("nan")) * 1e3 if m else float("nan"),
             "tokens_per_s": m.get("tokens_per_s") if m else None,
@@ -73,9 +76,10 @@ def support_matrix(records: list[dict[str, Any]]) -> dict[str, Any]:
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     for r in records:
         for t in techniques_of(r):
-            entry = cells.setdefault((r["adapter"], t), {"ok": 0, "other": []})
+            entry = cells.setdefault((r["adapter"], t), {"ok": 0, "other": [], "patched": 0})
             if r["status"] == "ok":
                 entry["ok"] += 1
+                entry["patched"] += bool((r.get("notes") or {}).get("patched"))
             else:
                 entry["other"].append(f"{r['status']}: {r.get('reason') or ''}")
     rows = []
@@ -86,9 +90,12 @@ def support_matrix(records: list[dict[str, Any]]) -> dict[str, Any]:
             if e is None:
                 row["cells"].append({"text": "—", "cls": "", "title": "not in this run"})
             elif e["ok"] and not e["other"]:
-                row["cells"].append({"text": "ok", "cls": "ok", "title": f"{e['ok']} cell(s) ok"})
+                # Patched: the framework ran only after TrainBench monkeypatched it (record notes.patches).
+                patched = f" ({e['patched']} patched)" if e["patched"] else ""
+                row["cells"].append({"text": "ok (patched)" if e["patched"] else "ok", "cls": "ok",
+                                     "title": f"{e['ok']} cell(s) ok{patched}"})
             else:
-                text = "ok*" if e["ok"] else e["other"][0].split(":")[0]
+                text = ("ok* (patched)" if e["patched"] else "ok*") if e["ok"] else e["other"][0].split(":")[0]
                 row["cells"].append({"text": text, "cls": "warn", "title": " | ".join(e["other"])[:600]})
         rows.append(row)
     return {"adapters": adapters, "rows": rows}
@@ -169,7 +176,10 @@ def write_report(results_file: Path, out_root: Path) -> Path:
         ("all-reduce busbw", busbw_plot(records)),
         *loss_parity_plots(records),
         *scaling_plots(records),
+        ("time and peak memory against seq_len (log-log, fitted exponent b)", scaling_fit_plot(records)),
         *pipeline_timeline_plots(records),
+        ("step-time breakdown of the profiled step (forward / backward / optimizer / exposed comm / idle)",
+         breakdown_plot(records)),
     ) if img]
     columns = ["cell", "label", "status", "step_time_ms", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
                "comm_mib_per_step", "final_loss", "fixed_cost_s"]
@@ -177,9 +187,11 @@ def write_report(results_file: Path, out_root: Path) -> Path:
         suite=suite, run_id=run_id, env=records[0]["env"], table=df[columns].to_dict("records"), columns=columns,
         failures=[r for r in records if r["status"] != "ok"], theory=theory_rows(records), plots=plots,
         optimizer_state=optimizer_state_rows(records), checkpointing=checkpointing_rows(records),
-        support=support_matrix(records), tolerances=THEORY_TOLERANCE,
+        support=support_matrix(records), tolerances=THEORY_TOLERANCE, scaling=scaling_rows(records),
+        planner=planner_validation(records),
         sources=sorted({(r["metrics"] or {}).get("peak_mem_source") for r in records if r.get("metrics")} - {None}),
         peak_sources=sorted({(r["metrics"] or {}).get("peak_flops_source") for r in records if r.get("metrics")} - {None}),
+        explain_links=explain_pages(records, out_root / suite / run_id, technique_group),
     )
     out_dir = out_root / suite / run_id
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,212 @@
+"""Analytical step time and memory of one configuration on a calibrated machine.
+
+Step time per rank (no overlap of communication with compute is assumed — on
+CPU/gloo there is little; the GPU default profile is therefore pessimistic):
+
+* compute: the matmul FLOPs of the rank's share of the model (forward 2·rows·in·out
+  per linear, backward twice that; the attention core 4·b·s²·H·d_head/t forward,
+  PaLM App. B) ÷ the profile's measured throughput *at that matmul's shape*
+  (rows = tokens of one micro-batch, width = √(in·out) after the TP split), so
+  smaller micro-batches and TP shards run slower per FLOP, as they do; full
+  recompute adds one forward of every block, selective the core's forward
+  (Chen et al. 2016; Korthikanti et al. 2022 §5);
+* memory-bound work: the block's saved activations (``theory.activation_values_per_layer``)
+  written and read ``ELEMENTWISE_PASSES`` times ÷ the streaming bandwidth, plus
+  ``OPS_PER_LAYER`` framework op overheads per block and micro-batch;
+* pipeline: the stage's per-micro-batch time × (m + p − 1) (GPipe / 1F1B; bubble
+  (p−1)/m of ideal time, Narayanan et al. 2021 §2.2; interleaved (p−1)/(v·m));
+* communication: per collective kind, t = calls·α + bus_bytes/β with the
+  profile's α–β for that kind and group size; volumes from ``bench.theory``
+  (DP/ZeRO 2Ψ or 3Ψ(N−1)/N, TP (4L+2)·b·s·h all-reduces, pipeline p2p);
+* optimizer: the shard's state streamed once (Adam fp32: read p, g, m, v, write
+  p, m, v = 28 B/param) ÷ bandwidth; offload adds the gradient shard down and the
+  parameter shard up over the host link.
+
+Memory per device: model state from ``bench.fit`` (ZeRO/TP formulas of
+``bench.theory``, less what offload keeps on the host) + this decoder's
+activations (``theory.activation_values_per_layer``; TP scaled by Korthikanti's
+(10 + 24/t + 5as/(ht))/(34 + 5as/h), ÷ t with sequence parallel) for the
+micro-batches a stage holds at once (1F1B: p, GPipe: m) + the loss working set
+(logits, their log-softmax and its gradient: 3·b·s·V/t values on the last stage)
++ the largest transient of the optimizer step (one temporary per updated value).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bench.theory import (PRECISION_BYTES, activation_bytes_per_layer, activation_values_per_layer, dp_comm_elements,
+                          tp_comm_bytes, tp_local_params)
+from impl.auto_parallel.profile import MachineProfile
+
+ELEMENTWISE_PASSES = 4
+"""Each saved activation is written in forward, read in backward, and its gradient written and read."""
+OPS_PER_LAYER = 50
+"""Autograd ops in one ``impl.model.Block`` forward (norms 2×6, 7 linears, RoPE 2×9, views, SDPA, SwiGLU, residuals)."""
+LOSS_COPIES = 3
+"""Logits, the log-softmax cross-entropy saves, and its gradient, alive together at the start of backward."""
+ADAM_STREAM_BYTES = 28
+DDP_BUCKET_BYTES = 25 * 2**20
+
+
+@dataclass(slots=True)
+class Estimate:
+    step_time_s: float
+    compute_s: float
+    memory_bound_s: float
+    bubble_s: float
+    comm_s: dict[str, float]
+    optimizer_s: float
+    state_bytes: float
+    activation_bytes: float
+    loss_bytes: float
+    transient_bytes: float
+    comm_bus_bytes: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.state_bytes + self.activation_bytes + self.loss_bytes + self.transient_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "memory_bytes": self.memory_bytes}
+
+
+def _layer_matmuls(cfg: Any, tp: int) -> list[tuple[int, int]]:
+    """(in, out) of each linear of one block on one TP rank (column-parallel splits out, row-parallel in)."""
+    d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_dim
+    return [(d, cfg.n_heads * hd // tp), (d, cfg.n_kv_heads * hd // tp), (d, cfg.n_kv_heads * hd // tp),
+            (cfg.n_heads * hd // tp, d), (d, f // tp), (d, f // tp), (f // tp, d)]
+
+
+def _forward_matmul_s(profile: MachineProfile, ranks: int, rows: int, pairs: list[tuple[int, int]]) -> float:
+    return sum(2 * rows * i * o / profile.throughput(ranks, rows, math.sqrt(i * o)) for i, o in pairs)
+
+
+def compute_times(knobs: Any, cfg: Any, profile: MachineProfile) -> tuple[float, float]:
+    """(matmul seconds, memory-bound seconds) of one micro-batch on the busiest
+    stage of one rank, forward + backward (+ recompute)."""
+    tp, pp, m = knobs.tp, knobs.pp, knobs.microbatches
+    b = knobs.batch_size // (knobs.dp * m)
+    s, ranks = knobs.seq_len, knobs.world_size  # ranks sharing the machine (GPU: ignored)
+    rows = b * s
+    layer_fwd = _forward_matmul_s(profile, ranks, rows, _layer_matmuls(cfg, tp))
+    heads = cfg.n_heads // tp
+    core_fwd = 4 * b * s * s * heads * cfg.head_dim / profile.throughput(ranks, s, cfg.head_dim)
+    head_fwd = _forward_matmul_s(profile, ranks, rows, [(cfg.dim, cfg.vocab_size // tp)])
+    recompute = {"none": 0.0, "full": layer_fwd + core_fwd, "selective": core_fwd}[knobs.checkpointing]
+    layers = cfg.n_layers / pp
+    # stages are balanced by parameter count (impl.pipeline), so a stage holds ~1/p of blocks + head
+    matmul = (cfg.n_layers * (3 * (layer_fwd + core_fwd) + recompute) + 3 * head_fwd) / pp
+    values = activation_values_per_layer(cfg, s, b, "none") / tp
+    redo = {"none": 0.0, "full": 1.0, "selective": 0.1}[knobs.checkpointing]
+    mem_bound = layers * (ELEMENTWISE_PASSES + redo) * values * 4 / profile.mem_bandwidth_bytes_per_s
+    overhead = layers * OPS_PER_LAYER * (1 + (knobs.checkpointing == "full")) * profile.op_overhead_s
+    return matmul, mem_bound + overhead
+
+
+def comm_times(knobs: Any, cfg: Any, profile: MachineProfile) -> tuple[dict[str, float], float]:
+    """Seconds per collective kind on one rank per step, and the total bus bytes."""
+    from impl.model_config import total_params
+
+    elem = PRECISION_BYTES[knobs.precision]
+    dp, tp, pp, m, L = knobs.dp, knobs.tp, knobs.pp, knobs.microbatches, cfg.n_layers
+    out: dict[str, float] = {}
+    bus_total = 0.0
+
+    def add(kind: str, group: int, bus: float, calls: int) -> None:
+        nonlocal bus_total
+        if group < 2 or calls == 0:
+            return
+        out[kind] = out.get(kind, 0.0) + profile.alpha_beta(kind, group).time_s(bus, calls)
+        bus_total += bus
+
+    if dp > 1:
+        psi = tp_local_params(cfg, tp) if tp > 1 else total_params(cfg) / pp
+        total = dp_comm_elements(psi, zero=knobs.zero, dp=dp, microbatches=1 if pp > 1 else m) * elem
+        half = psi * (dp - 1) / dp * elem  # one reduce-scatter or all-gather of every parameter
+        units = L / pp + 2  # ZeRO units: embedding, each block, norm + head
+        if knobs.zero == 0:
+            add("all_reduce", dp, total, math.ceil(psi * elem / DDP_BUCKET_BYTES))
+        elif knobs.zero == 1:
+            add("reduce_scatter", dp, half, int(units))
+            add("all_gather", dp, total - half, int(units))
+        elif knobs.zero == 2:
+            add("reduce_scatter", dp, total - half, int(units) * m)
+            add("all_gather", dp, half, int(units))
+        else:
+            add("reduce_scatter", dp, total / 3, int(units) * m)
+            add("all_gather", dp, 2 * total / 3, 2 * int(units) * m)
+    if tp > 1:
+        sp = knobs.sequence_parallel == "megatron"
+        act = tp_comm_bytes(cfg, b=knobs.batch_size // dp, s=knobs.seq_len, tp=tp, dp=1, sequence_parallel=sp,
+                            bytes_per_value=elem)
+        calls = (4 * L + 2 + 3) * m + (2 * L + 1 if sp else 0)
+        if sp:  # each all-reduce becomes an all-gather + a reduce-scatter of half the bus bytes each
+            add("all_gather", tp, act / 2, calls)
+            add("reduce_scatter", tp, act / 2, calls)
+        else:
+            add("all_reduce", tp, act, calls)
+    if pp > 1:
+        per_msg = knobs.batch_size // (dp * m) * knobs.seq_len * cfg.dim * elem
+        # an inner stage sends m activations forward and m gradients backward
+        add("p2p", 2, 2 * m * per_msg, 2 * m)
+    return out, bus_total
+
+
+def memory(knobs: Any, cfg: Any) -> tuple[float, float, float, float]:
+    """(state, activations, loss working set, optimizer transient) bytes on the fullest device."""
+    from bench.fit import predict_device_bytes
+
+    pred = predict_device_bytes(knobs)
+    elem = PRECISION_BYTES[knobs.precision]
+    tp, pp, m = knobs.tp, knobs.pp, knobs.microbatches
+    b = knobs.batch_size // (knobs.dp * m)
+    s = knobs.seq_len
+    per_layer = activation_values_per_layer(cfg, s, b, knobs.checkpointing) * 4 * elem / 4
+    if tp > 1:
+        kw = dict(s=s, b=b, h=cfg.dim, a=cfg.n_heads, recompute=knobs.checkpointing)
+        per_layer *= (activation_bytes_per_layer(tp=tp, sequence_parallel=knobs.sequence_parallel == "megatron", **kw)
+                      / activation_bytes_per_layer(tp=1, **kw))
+    # the fullest stage: 1F1B stage r holds min(m, p−r) micro-batches, GPipe m; the loss sits on the last
+    layers = math.ceil(cfg.n_layers / pp)
+    loss = LOSS_COPIES * b * s * cfg.vocab_size / tp * 4  # the loss is computed in fp32
+    held = [m if knobs.pp_schedule == "gpipe" else min(m, pp - r) for r in range(pp)]
+    act, loss = max(((per_layer * layers * h, loss if r == pp - 1 else 0.0) for r, h in enumerate(held)),
+                    key=sum)
+    state = pred.state_bytes
+    transient = 0.0
+    if knobs.zero == 0 and knobs.offload == "none":
+        # the optimizer step's largest temporary: one value per parameter of the largest tensor
+        transient = max(cfg.vocab_size * cfg.dim // tp, 3 * cfg.dim * cfg.ffn_dim // tp) * elem
+        if knobs.dp > 1 and m > 1:
+            # DDP's flat bucket copies (impl.data_parallel) coexist with gradients
+            # kept across micro-batches; with m = 1 they replace gradients not yet made
+            transient += tp_local_params(cfg, tp) / pp * elem
+    return state, act, loss, transient
+
+
+def estimate(knobs: Any, profile: MachineProfile) -> Estimate:
+    """Predicted step time and peak memory of one resolved cell (``bench.knobs.Knobs``)."""
+    from impl.model_config import PRESETS
+
+    cfg = PRESETS[knobs.model]
+    m, pp = knobs.microbatches, knobs.pp
+    matmul, mem_bound = compute_times(knobs, cfg, profile)
+    per_micro = matmul + mem_bound
+    if pp > 1:
+        v = knobs.virtual_stages if knobs.pp_schedule == "interleaved" else 1
+        bubble = per_micro * (pp - 1) / v
+    else:
+        bubble = 0.0
+    comm, bus = comm_times(knobs, cfg, profile)
+    shard = tp_local_params(cfg, knobs.tp) / pp / (knobs.dp if knobs.zero else 1)
+    optimizer = shard * ADAM_STREAM_BYTES / profile.mem_bandwidth_bytes_per_s
+    if knobs.offload != "none":
+        optimizer += 2 * shard * 4 / profile.host_bandwidth_bytes_per_s
+    state, act, loss, transient = memory(knobs, cfg)
+    step = m * per_micro + bubble + sum(comm.values()) + optimizer
+    return Estimate(step_time_s=step, compute_s=m * matmul, memory_bound_s=m * mem_bound, bubble_s=bubble,
+                    comm_s=comm, optimizer_s=optimizer, state_bytes=state, activation_bytes=act, loss_bytes=loss,
+                    transient_bytes=transient, comm_bus_bytes=bus)
