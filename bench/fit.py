@@ -98,7 +98,11 @@ def describe(knobs: Any, available: float | None) -> str:
     pred = predict_device_bytes(knobs)
     if pred is None:
         return "memory: no prediction"
-    avail = f" of {available / GIB:.2f} GiB" if available is not None else ""
+    avail = f" of {_size(available)}" if available is not None else ""
     verdict = "" if available is None else (" — fits" if pred.total_bytes <= available else " — DOES NOT FIT")
-    return (f"memory: predicted {pred.total_bytes / GIB:.2f} GiB{avail} per device (state {pred.state_bytes / GIB:.2f}"
-            f" + activations {pred.activation_bytes / GIB:.2f}){verdict}")
+    return (f"memory: predicted {_size(pred.total_bytes)}{avail} per device (state {_size(pred.state_bytes)}"
+            f" + activations {_size(pred.activation_bytes)}){verdict}")
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"

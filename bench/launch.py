@@ -193,6 +193,9 @@ class MultiNodeTorchrun:
     def simulated(self) -> bool:
         return len(self.node_ranks) > 1
 
+    def ranks_on_this_host(self, world_size: int) -> int:
+        return self.nproc_per_node * len(self.node_ranks)
+
     def command(self, payload: Path, node_rank: int) -> list[str]:
         cmd = [sys.executable, "-m", "bench.launch",
                *torchrun_args(nnodes=self.nnodes, nproc_per_node=self.nproc_per_node,

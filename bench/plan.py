@@ -157,13 +157,13 @@ def cmd_plan(args, console) -> int:
         console.print(f"  {n:>6} × {reason}  (e.g. {result.examples[reason]})", soft_wrap=True)
     table = Table(title=f"top plans: {args.model} on {args.gpus} × {device}, batch {base['batch_size']} × "
                         f"seq {base['seq_len']}, {base['precision']}, {args.optimizer}")
-    for col in ("#", "plan", "step s", "compute", "bubble", "comm", "optimizer", "memory GiB", "adapter"):
+    for col in ("#", "plan", "step s", "compute", "bubble", "exposed comm", "optimizer", "memory GiB", "adapter"):
         table.add_column(col, justify="left" if col in ("plan", "adapter") else "right")
     top = result.plans[:args.top]
     for i, p in enumerate(top, 1):
         e = p.estimate
         table.add_row(str(i), p.label(), f"{e.step_time_s:.3g}", f"{e.compute_s + e.memory_bound_s:.3g}",
-                      f"{e.bubble_s:.3g}", f"{sum(e.comm_s.values()):.3g}", f"{e.optimizer_s:.3g}",
+                      f"{e.bubble_s:.3g}", f"{e.exposed_comm_s:.3g}", f"{e.optimizer_s:.3g}",
                       f"{e.memory_bytes / 2**30:.2f}", args.adapter or first_adapter(p.knobs) or "—")
     console.print(table)
     if args.emit_suite and top:

@@ -96,7 +96,9 @@ class Runner:
         if reason:
             return self._record(cell, status="unsupported", reason=reason)
         cell_dir = self.run_file.path.parent / f".{self.run_file.run_id}" / cell.id
-        threads = max(1, (os.cpu_count() or 1) // knobs.world_size)
+        # Threads per rank: this host's cores over the ranks it runs (a remote launcher sets its own).
+        ranks_here = getattr(self.launcher, "ranks_on_this_host", lambda world: world)(knobs.world_size)
+        threads = max(1, (os.cpu_count() or 1) // (ranks_here or knobs.world_size))
         payload = {"knobs": knobs.resolved(), "steps": self.suite.steps, "warmup": self.suite.warmup, "seed": self.suite.seed}
         if self.suite.profiles(knobs):  # traces next to the results: <run_id>.profiles/<cell_id>/rank<R>.trace.json.gz
             trace_dir = f"{self.run_file.run_id}.profiles/{cell.id}"
@@ -111,7 +113,7 @@ class Runner:
             (cell_dir / "payload.json").write_text(json.dumps(payload))
         except OSError as exc:
             raise ResultsWriteError(exc.errno, f"cannot write the scratch folder {cell_dir}: {exc.strerror or exc}") from exc
-        env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "TORCHELASTIC_ERROR_FILE": str(cell_dir / "torchelastic.json")}
+        env = {**({"OMP_NUM_THREADS": str(threads)} if ranks_here else {}), "PYTHONUNBUFFERED": "1", "TORCHELASTIC_ERROR_FILE": str(cell_dir / "torchelastic.json")}
         return cell_dir, env
 
     def _fit(self, knobs) -> str | None:

@@ -92,6 +92,9 @@ def sbatch_script(settings: SlurmSettings, *, payload: Path, job_name: str, node
            "-m", "bench.worker", str(payload.resolve())]
     lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in opts), "set -euo pipefail", f"cd {shlex.quote(str(REPO))}"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    # Threads per rank from the allocation (the submitting host's cores say nothing about it).
+    cpus = f"${{SLURM_CPUS_PER_TASK:-{nproc_per_node}}}"
+    lines.append(f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-$(( {cpus} / {nproc_per_node} > 0 ? {cpus} / {nproc_per_node} : 1 ))}}")
     lines += settings.setup
     lines.append('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
     # $SLURM_NNODES and $head expand in the script; everything else is quoted.
@@ -102,6 +105,11 @@ def sbatch_script(settings: SlurmSettings, *, payload: Path, job_name: str, node
 class SlurmLauncher:
     name = "slurm"
     remote = True
+
+    @staticmethod
+    def ranks_on_this_host(world_size: int) -> None:
+        """The ranks run on the allocated nodes: their threads are SLURM's (cpus_per_task)."""
+        return None
     """The ranks run on compute nodes: the runner does not check this host's device."""
 
     def __init__(self, settings: SlurmSettings, *, nodes: int, nproc_per_node: int | None, dry_run: bool = False,

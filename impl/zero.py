@@ -39,6 +39,9 @@ from torch import nn
 
 from impl.grad_hooks import GradReadyHooks
 
+MAX_INFLIGHT_RS = 2
+"""Stages 2/3: reduce-scatters (each holding a unit's full gradient) in flight at once."""
+
 
 class _Unit:
     def __init__(self, modules: list[nn.Module], *, rank: int, world: int, param_dtype: torch.dtype,
@@ -171,6 +174,7 @@ class ZeroDataParallel:
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
             raise ValueError(f"parameters outside every ZeRO unit: {missing}")
+        self._inflight: list[int] = []
         self.hooks = GradReadyHooks([u.params for u in self.units], on_ready=self._on_unit_ready, on_end=self._finish)
         if stage == 3:
             for i, unit in enumerate(self.units):
@@ -214,11 +218,20 @@ class ZeroDataParallel:
 
     def _on_unit_ready(self, i: int) -> None:
         unit = self.units[i]
+        if self.stage >= 2:
+            # Bound the full-size gradient buffers in flight (each reduce-scatter
+            # holds its unit's whole gradient until it completes): finish the
+            # oldest before launching past MAX_INFLIGHT_RS, as FSDP and DeepSpeed's
+            # bucket limit do. Unbounded, the peak held a full Ψ of gradients.
+            self._inflight.append(i)
+            while len(self._inflight) > MAX_INFLIGHT_RS:
+                self.units[self._inflight.pop(0)].finish_reduce_scatter()
         unit.launch_reduce_scatter()
         if self.stage == 3:
             unit.free_params()
 
     def _finish(self, not_ready: list[int]) -> None:
+        self._inflight.clear()
         for i in not_ready:  # units with parameters that got no gradient this step
             self.units[i].launch_reduce_scatter()
         for unit in self.units:

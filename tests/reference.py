@@ -22,3 +22,20 @@ def reference_losses(*, model: str = "tiny", batch_size: int, seq_len: int, seed
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses
+
+
+def reference_run(cfg, batches, *, seed: int) -> tuple[torch.nn.Module, list[float], dict[str, torch.Tensor]]:
+    """AdamW over ``batches`` on the unsharded model: the trained model, the
+    losses, and the first step's gradients by name."""
+    net = build_model(cfg, seed=seed)
+    opt = torch_optimizer("adamw", net.parameters())
+    losses, first_grads = [], {}
+    for s, batch in enumerate(batches):
+        loss = lm_loss(net(batch.inputs), batch.targets)
+        loss.backward()
+        if s == 0:
+            first_grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return net, losses, first_grads

@@ -59,7 +59,7 @@ def test_validate_prints_the_prediction(run) -> None:
     _, out, recs = run
     flat = " ".join(out.split())
     assert "unsupported: predicted" in flat and "DOES NOT FIT" in flat and "— fits" in flat
-    assert flat.count("of 0.05 GiB per device") == 2
+    assert flat.count("of 51.2 MiB per device") == 2
 
 
 def test_prediction_is_model_state_plus_activations() -> None:

@@ -148,19 +148,11 @@ def _build_fsdp1(knobs: Knobs, model: Decoder, device: torch.device, notes: dict
     from colossalai.booster import Booster
     from colossalai.booster.plugin import TorchFSDPPlugin
     from colossalai.booster.plugin.torch_fsdp_plugin import FSDPOptimizerWrapper
-    from torch import nn
-    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from bench.adapters.torch_fsdp1 import SHARDING
-    from impl.model import Block
+    from bench.adapters.torch_fsdp1 import SHARDING, fsdp1_kwargs, fsdp1_notes
 
     _patch_on_cpu(device, notes, "fsdp_device_id")
-    kwargs: dict[str, Any] = {"sharding_strategy": getattr(ShardingStrategy, SHARDING[knobs.zero]),
-                              "auto_wrap_policy": ModuleWrapPolicy({Block, nn.Embedding})}
-    if knobs.precision == "bf16":
-        kwargs["mixed_precision"] = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
-        notes["precision"] = "FSDP1 MixedPrecision(param_dtype=bf16, reduce_dtype=bf16), fp32 sharded flat parameters"
+    kwargs = fsdp1_kwargs(knobs, notes)
     model_w, *_ = Booster(plugin=TorchFSDPPlugin(**kwargs)).boost(model)
     # The optimizer is built on the FSDP flat parameters after boosting: the plugin's own
     # re-init (optimizer.__init__(params, **optimizer.defaults)) fails for torch 2.13's AdamW,
@@ -170,13 +162,7 @@ def _build_fsdp1(knobs: Knobs, model: Decoder, device: torch.device, notes: dict
     fsdp = model_w.module  # TorchFSDPModel wraps torch's FullyShardedDataParallel
     notes["plugin"] = f"TorchFSDPPlugin({SHARDING[knobs.zero]}, FSDP1 use_orig_params=False)"
     notes["optimizer_class"] = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
-    if knobs.zero == 3:
-        notes["comm_vs_theory"] = ("FSDP1 never reshards the root unit (final norm + head) after forward: those "
-                                   "parameters are all-gathered once per step, not twice, so traffic is "
-                                   "(3Ψ − Ψ_root)(N−1)/N instead of ZeRO-3's 3Ψ(N−1)/N")
-    if knobs.zero == 2:
-        notes["model_state_vs_theory"] = ("SHARD_GRAD_OP frees the unsharded parameters after backward, so "
-                                          "parameters at rest are sharded (Ψ/N)")
+    notes.update(fsdp1_notes(knobs))
     # The plugin's no_sync raises NotImplementedError; FSDP1's own no_sync is the same context.
     step = accumulating_step(model_w, stepper, microbatches=knobs.microbatches, no_sync=fsdp.no_sync)
     return TrainStep(step, modules=[fsdp], optimizers=[optimizer], notes=notes)

@@ -42,23 +42,38 @@ def why_not_fsdp1(knobs: Knobs) -> str | None:
 
 def wrap_fsdp1(model: Decoder, knobs: Knobs, dims: ParallelDims, device: torch.device,
                notes: dict[str, Any]) -> nn.Module:
-    from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
+    from torch.distributed.fsdp import CPUOffload
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    kwargs = {**fsdp1_kwargs(knobs, notes), "device_id": device, "use_orig_params": False}
+    if knobs.offload == "optimizer+params":
+        kwargs["cpu_offload"] = CPUOffload(offload_params=True)
+    wrapped = FSDP(model, **kwargs)
+    notes["wrapper"] = f"FSDP1 FullyShardedDataParallel({SHARDING[knobs.zero]}, use_orig_params=False)"
+    notes.update(fsdp1_notes(knobs))
+    return wrapped
+
+
+def fsdp1_kwargs(knobs: Knobs, notes: dict[str, Any]) -> dict[str, Any]:
+    """The FSDP1 settings both FSDP1 paths share (torch's wrapper and
+    Colossal-AI's TorchFSDPPlugin): sharding strategy, units, bf16 policy."""
+    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     kwargs: dict[str, Any] = {
         "sharding_strategy": getattr(ShardingStrategy, SHARDING[knobs.zero]),
         "auto_wrap_policy": ModuleWrapPolicy({Block, nn.Embedding}),
-        "device_id": device,
-        "use_orig_params": False,
     }
     if knobs.precision == "bf16":
         kwargs["mixed_precision"] = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
         notes["precision"] = "FSDP1 MixedPrecision(param_dtype=bf16, reduce_dtype=bf16), fp32 sharded flat parameters"
-    if knobs.offload == "optimizer+params":
-        kwargs["cpu_offload"] = CPUOffload(offload_params=True)
-    wrapped = FSDP(model, **kwargs)
-    notes["wrapper"] = f"FSDP1 FullyShardedDataParallel({SHARDING[knobs.zero]}, use_orig_params=False)"
+    return kwargs
+
+
+def fsdp1_notes(knobs: Knobs) -> dict[str, str]:
+    """Where FSDP1 (torch's wrapper, or Colossal-AI's TorchFSDPPlugin around it)
+    differs from the ZeRO formulas, and why."""
+    notes = {}
     if knobs.zero == 3:
         notes["comm_vs_theory"] = ("FSDP1 never reshards the root unit (final norm + head) after forward, since "
                                    "backward needs it at once: those parameters are all-gathered once per step, not "
@@ -70,4 +85,4 @@ def wrap_fsdp1(model: Decoder, knobs: Knobs, dims: ParallelDims, device: torch.d
     if knobs.zero == 2:
         notes["model_state_vs_theory"] = ("SHARD_GRAD_OP keeps the unsharded parameters between forward and backward "
                                           "but frees them after backward, so parameters at rest are sharded (Ψ/N)")
-    return wrapped
+    return notes

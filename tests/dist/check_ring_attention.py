@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from tests.dist._exit import finish
+from tests.reference import reference_run
 
 from bench.meters.activations import activation_values_per_layer, saved_activation_bytes
 from bench.meters.comm import CommMeter
@@ -59,17 +60,7 @@ def check_model(cfg, dims: ParallelDims) -> tuple[float, float, float]:
     dp_rank = dims.coords(rank)[0]
     batches = [global_batch(cfg, batch_size=B * dims.dp, seq_len=T, seed=2, step=s) for s in range(STEPS)]
 
-    ref = build_model(cfg, seed=5)
-    ref_opt = torch_optimizer("adamw", ref.parameters())
-    ref_losses, ref_grads = [], None
-    for s, batch in enumerate(batches):
-        loss = lm_loss(ref(batch.inputs), batch.targets)
-        loss.backward()
-        if s == 0:
-            ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
-        ref_opt.step()
-        ref_opt.zero_grad()
-        ref_losses.append(loss.item())
+    ref, ref_losses, ref_grads = reference_run(cfg, batches, seed=5)
 
     model = build_model(cfg, seed=5)
     ring = apply_ring_attention(model, group=new_tp_dp_groups(dims).tp)
