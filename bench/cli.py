@@ -270,13 +270,18 @@ def cmd_explain(args) -> int:
         err_console.print(f"error: {exc}", soft_wrap=True)
         return 2
     table = Table(title=f"A = {a['cell_id']}  vs  B = {b['cell_id']}")
-    for col in ("quantity", "A", "B", "B ÷ A", "reading"):
+    for col in ("quantity", "A", "B", "B ÷ A"):
         table.add_column(col)
     for k, va, vb in config_diff(a, b):
-        table.add_row(f"knob {k}", str(va), str(vb), "", "")
-    for r in compare(a, b):
-        table.add_row(r["quantity"], r["a"], r["b"], r["ratio"], r["reading"])
+        table.add_row(f"knob {k}", str(va), str(vb), "")
+    rows = compare(a, b)
+    for r in rows:
+        table.add_row(r["quantity"], r["a"], r["b"], r["ratio"])
     console.print(table)
+    # The readings as whole lines (a table column would wrap them mid-sentence on a narrow terminal).
+    for r in rows:
+        if r["reading"]:
+            console.print(f"- {r['quantity']}: {r['reading']}", soft_wrap=True)
     out = write_page(a, b, Path(args.out) / a["suite"] / a["run_id"] / page_name(a, b))
     console.print(f"explain: {out}", highlight=False)
     return 0

@@ -6,7 +6,14 @@ before launch, `bench plan` on a GPU target, and published memory figures.
 The machine is 2 shared cores, so timings are noisy: the matrix is chosen so
 that its step times span > 2× (ZeRO-3 and TP with 4 micro-batches pay many
 latency-bound collectives; a 2-stage pipeline with 1 micro-batch idles half
-the time), and the numbers are printed for the report (`-s`)."""
+the time), and the numbers are printed for the report (`-s`).
+
+The measured-matrix tests carry the `calibration` marker: a rank correlation
+of step times needs a quiet machine (under another job's load it fell from
+0.95 to 0.1 here), so they are deselected from the per-commit run and run
+nightly (`pytest -m calibration`, .github/workflows/nightly.yml). Everything
+else here (cost-model components, paper figures, `strategy: auto` resolved
+and run through the CLI, `bench plan`) runs on every commit."""
 from __future__ import annotations
 
 import math
@@ -64,6 +71,7 @@ def _fastest(first: list[dict], second: list[dict]) -> list[dict]:
     return [min((r, again.get(r["cell_id"], r)), key=lambda x: x["metrics"]["step_time_median_s"]) for r in first]
 
 
+@pytest.mark.calibration
 def test_every_feasible_plan_was_measured_with_its_prediction(measured) -> None:
     _, plans, manual, _, _, _ = measured
     assert len(plans) == 8  # dp2 × zero {0,3} × m {1,4}; tp2 × m {1,4}; pp2 × m {1,4} (inhouse: no ZeRO with tp/pp)
@@ -73,6 +81,7 @@ def test_every_feasible_plan_was_measured_with_its_prediction(measured) -> None:
         assert r["notes"]["plan"]["profile"].startswith("measured on")
 
 
+@pytest.mark.calibration
 def test_predicted_step_time_ranks_the_plans(measured) -> None:
     _, _, manual, _, _, tmp = measured
     v = validation(manual)
@@ -95,6 +104,7 @@ def test_predicted_step_time_ranks_the_plans(measured) -> None:
     assert v["top1_gap_pct"] <= 10
 
 
+@pytest.mark.calibration
 def test_predicted_peak_memory(measured) -> None:
     """Within 10 % for all modelled cells but one (the issue's bar); 15 % for
     every modelled cell (TP with 4 micro-batches measured 11.6 % and 14.4 % over
@@ -117,6 +127,7 @@ def test_predicted_peak_memory(measured) -> None:
             assert row["mem_ratio"] > 1.3, row  # the known gap; if this fails, model the fix
 
 
+@pytest.mark.calibration
 def test_strategy_auto_runs_the_planners_best_plan(measured) -> None:
     profile, _, _, auto, _, _ = measured
     (rec,) = auto
@@ -128,11 +139,30 @@ def test_strategy_auto_runs_the_planners_best_plan(measured) -> None:
     assert "strategy_auto" in rec["techniques"]
 
 
+@pytest.mark.calibration
 def test_report_shows_the_planner_validation(measured) -> None:
     *_, pages, _ = measured
     (page,) = pages
     html = page.read_text()
     assert 'id="planner-table"' in html and "Spearman" in html and html.count("dp2 tp1 pp1") >= 4
+
+
+def test_strategy_auto_cell_runs_the_best_plan_of_its_profile(tmp_path) -> None:
+    """Per commit: one `strategy: auto` cell (tiny, 2 ranks) through `bench run`
+    with a fixed profile; the record ran the search's top plan and carries it."""
+    _toy_profile().save(tmp_path / "p.json")
+    base = {**BASE, "model": "tiny", "seq_len": 32}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "name": "auto-one", "steps": 2, "warmup": 1, "machine_profile": str(tmp_path / "p.json"),
+        "defaults": {**base, "strategy": "auto"}}))
+    bench("run", str(tmp_path / "s.yaml"), "--results", str(tmp_path / "r"), "--no-progress")
+    (rec,) = records(tmp_path / "r", "auto-one")
+    assert rec["status"] == "ok", rec["reason"]
+    plan = rec["notes"]["plan"]
+    best = search({**base, "strategy": "auto"}, _toy_profile(), memory_budget_bytes=None, why_not=_why_not).plans[0]
+    assert plan["choice"] == best.choice() and plan["considered"] >= plan["feasible"] > 1
+    assert {k: rec["config"][k] for k in plan["choice"]} == plan["choice"]
+    assert "strategy_auto" in rec["techniques"]
 
 
 def test_no_feasible_plan_is_an_error_naming_the_field(tmp_path) -> None:
