@@ -165,7 +165,8 @@ def test_nightly_workflow_shell_steps_are_valid_bash():
     import re
 
     steps = [s for s in _workflow()["jobs"]["gpu"]["steps"] if "run" in s]
-    assert len(steps) == 6
+    assert len(steps) == 7
+    assert any("pytest -m calibration" in s["run"] for s in steps)  # the planner's measured validation
     for step in steps:
         script = re.sub(r"\$\{\{[^}]*\}\}", "x", step["run"])
         proc = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
