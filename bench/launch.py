@@ -46,6 +46,9 @@ class Launcher(Protocol):
 
     def launch(self, *, payload: Path, world_size: int, timeout_s: float, env: dict[str, str]) -> LaunchOutcome: ...
 
+    def ranks_on_this_host(self, world_size: int) -> int | None:
+        """Ranks of a ``world_size`` cell this host runs (None: they run elsewhere)."""
+
 
 def _pdeathsig() -> None:
     try:
@@ -91,6 +94,9 @@ def loopback_interface() -> str:
 
 class LocalTorchrun:
     name = "local"
+
+    def ranks_on_this_host(self, world_size: int) -> int:
+        return world_size
 
     def command(self, payload: Path, world_size: int) -> list[str]:
         # What --standalone sets, with the endpoint and this node's address

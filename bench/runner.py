@@ -97,7 +97,7 @@ class Runner:
             return self._record(cell, status="unsupported", reason=reason)
         cell_dir = self.run_file.path.parent / f".{self.run_file.run_id}" / cell.id
         # Threads per rank: this host's cores over the ranks it runs (a remote launcher sets its own).
-        ranks_here = getattr(self.launcher, "ranks_on_this_host", lambda world: world)(knobs.world_size)
+        ranks_here = self.launcher.ranks_on_this_host(knobs.world_size)
         threads = max(1, (os.cpu_count() or 1) // (ranks_here or knobs.world_size))
         payload = {"knobs": knobs.resolved(), "steps": self.suite.steps, "warmup": self.suite.warmup, "seed": self.suite.seed}
         if self.suite.profiles(knobs):  # traces next to the results: <run_id>.profiles/<cell_id>/rank<R>.trace.json.gz
