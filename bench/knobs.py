@@ -100,6 +100,11 @@ class Knobs(BaseModel):
             raise ValueError(
                 f"tp = {self.tp} does not divide the {cfg.n_kv_heads} key/value heads of model {self.model!r}"
             )
+        if self.tp_mode in ("2d", "2.5d") and self.tp > 1:
+            _check_tp2d(cfg, self.model, self.tp, self.tp_depth if self.tp_mode == "2.5d" else 1,
+                        batch_size=self.batch_size, per_step=self.dp * self.microbatches)
+        if self.tp_mode == "3d" and self.tp > 1:
+            _check_tp3d(cfg, self.model, self.tp, batch_size=self.batch_size, per_step=self.dp * self.microbatches)
         if self.seq_len > cfg.max_seq_len:
             raise ValueError(f"seq_len = {self.seq_len} exceeds max_seq_len = {cfg.max_seq_len} of {self.model!r}")
         per_step = self.dp * self.microbatches
@@ -185,6 +190,38 @@ def _check_tp_mode(tp: int, mode: str, depth: int) -> None:
         q = round(tp ** (1 / 3))
         if q**3 != tp:
             raise ValueError(f"tp_mode = '3d' needs tp to be a cube (q*q*q), got tp = {tp}")
+
+
+def _check_tp2d(cfg: Any, model: str, tp: int, depth: int, *, batch_size: int, per_step: int) -> None:
+    """2D/2.5D TP (impl/tensor_parallel_2d.py) splits heads, features and the
+    vocabulary by q, and each micro-batch's sequences into d·q blocks."""
+    q = math.isqrt(tp // depth)
+    where = f"tp_mode = '{'2.5d' if depth > 1 else '2d'}' with tp = {tp} (q = {q}, depth = {depth})"
+    if q < 2:
+        raise ValueError(f"{where}: the grid side q must be >= 2 (tp_depth alone is data parallelism)")
+    for field, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("dim", cfg.dim),
+                     ("ffn_dim", cfg.ffn_dim), ("vocab_size", cfg.vocab_size)):
+        if n % q:
+            raise ValueError(f"{where}: {field} = {n} of model {model!r} is not divisible by q = {q}")
+    if batch_size % (per_step * depth * q):
+        raise ValueError(f"{where}: batch_size = {batch_size} is not divisible by dp*microbatches*depth*q = "
+                         f"{per_step * depth * q} (each micro-batch's sequences are split over depth and rows)")
+
+
+def _check_tp3d(cfg: Any, model: str, tp: int, *, batch_size: int, per_step: int) -> None:
+    """3D TP (impl/tensor_parallel_3d.py) splits heads and features by q, every
+    weight's rows by q², and each micro-batch's sequences into q² blocks."""
+    q = round(tp ** (1 / 3))
+    where = f"tp_mode = '3d' with tp = {tp} (q = {q})"
+    for field, n, by in (("n_heads", cfg.n_heads, q), ("n_kv_heads", cfg.n_kv_heads, q), ("dim", cfg.dim, q * q),
+                         ("ffn_dim", cfg.ffn_dim, q * q), ("vocab_size", cfg.vocab_size, q * q),
+                         ("n_heads*head_dim", cfg.n_heads * cfg.head_dim, q * q),
+                         ("n_kv_heads*head_dim", cfg.n_kv_heads * cfg.head_dim, q * q)):
+        if n % by:
+            raise ValueError(f"{where}: {field} = {n} of model {model!r} is not divisible by {by}")
+    if batch_size % (per_step * q * q):
+        raise ValueError(f"{where}: batch_size = {batch_size} is not divisible by dp*microbatches*q² = "
+                         f"{per_step * q * q} (each micro-batch's sequences are split into q² blocks)")
 
 
 KNOB_NAMES: tuple[str, ...] = tuple(Knobs.model_fields)

@@ -6,6 +6,7 @@ single-process reference and the torch adapter, metered bytes against
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from bench.theory import tp_comm_bytes, tp_local_params
 from impl.model import model_config
@@ -13,7 +14,18 @@ from tests.conftest import ROOT, run_suite
 from tests.reference import reference_losses
 from tests.test_distributed_units import torchrun
 
-SUITE = (ROOT / "suites" / "model_parallel_tp.yaml").read_text()
+
+def _suite_1d() -> str:
+    """The suite file with its 1D cells only: the ring cells are
+    tests/test_ring_attention.py's, the 2D/2.5D/3D cells tests/test_tp_2d.py's
+    and tests/test_tp_3d.py's."""
+    src = yaml.safe_load((ROOT / "suites" / "model_parallel_tp.yaml").read_text())
+    src["include"] = [c for c in src["include"]
+                      if c.get("sequence_parallel") != "ring" and c.get("tp_mode", "1d") == "1d"]
+    return yaml.safe_dump(src)
+
+
+SUITE = _suite_1d()
 CFG = model_config("tiny")
 B, T, TP = 8, 32, 2
 ACT_BYTES = B * T * CFG.dim * 4  # one fp32 (B, T, D) activation
@@ -36,9 +48,7 @@ def _label(c: dict) -> str:
 
 @pytest.fixture(scope="module")
 def recs(tmp_path_factory):
-    # The suite's ring self-attention cells are tests/test_ring_attention.py's.
-    return {_label(r["config"]): r for r in run_suite(tmp_path_factory, SUITE)
-            if r["config"]["sequence_parallel"] != "ring"}
+    return {_label(r["config"]): r for r in run_suite(tmp_path_factory, SUITE)}
 
 
 OK = ("inhouse-tp2", "inhouse-tp2-sp", "torch-tp2", "torch-tp2-sp", "inhouse-dp2-tp2-sp")

@@ -29,8 +29,14 @@ TP_OPTIMIZERS = ("adamw", "sgd")
 
 def why_not_tensor_parallel(knobs: Knobs) -> str | None:
     """Knob combinations the in-house TP plan does not compose (checked before launch)."""
-    if knobs.tp_mode != "1d":
-        return f"tensor_parallel_{knobs.tp_mode}: only 1D (Megatron) tensor parallelism is implemented in-house"
+    if knobs.tp_mode in ("2d", "2.5d"):
+        from bench.adapters.inhouse_tp2d import why_not_tp2d
+
+        return why_not_tp2d(knobs)
+    if knobs.tp_mode == "3d":
+        from bench.adapters.inhouse_tp3d import why_not_tp3d
+
+        return why_not_tp3d(knobs)
     if knobs.pp > 1:
         return "tensor_parallel_1d with pp > 1: the in-house TP and pipeline plans are not composed yet"
     if knobs.zero:
@@ -55,6 +61,14 @@ def build_tensor_parallel(knobs: Knobs, model: Decoder, dims: ParallelDims, devi
     why = why_not_tensor_parallel(knobs)
     if why:
         raise Unsupported(why)
+    if knobs.tp_mode in ("2d", "2.5d"):
+        from bench.adapters.inhouse_tp2d import build_tp2d
+
+        return build_tp2d(knobs, model, dims, device)
+    if knobs.tp_mode == "3d":
+        from bench.adapters.inhouse_tp3d import build_tp3d
+
+        return build_tp3d(knobs, model, dims, device)
     sp = knobs.sequence_parallel == "megatron"
     groups = new_tp_dp_groups(dims)
     # Plan order: shard first (the weights the optimizer and DP see are the
