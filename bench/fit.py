@@ -14,7 +14,7 @@ cell over it cannot fit; a cell under it may still OOM.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bench.theory import PRECISION_BYTES, activation_bytes_per_layer, model_state_bytes, optimizer_state_bytes, predict
@@ -27,6 +27,8 @@ class Prediction:
     state_bytes: float
     activation_bytes: float
     source: str
+    state_parts: dict[str, float] = field(default_factory=dict)
+    """The model state on the device by kind: params, grads, optimizer (bytes)."""
 
     @property
     def total_bytes(self) -> float:
@@ -64,7 +66,7 @@ def predict_device_bytes(knobs: Any, theory: dict[str, Any] | None = None) -> Pr
         sequence_parallel=knobs.sequence_parallel == "megatron",
         recompute="selective" if knobs.checkpointing == "none" else knobs.checkpointing,
         bytes_per_value=PRECISION_BYTES[knobs.precision])
-    return Prediction(sum(on_device.values()), act, source)
+    return Prediction(sum(on_device.values()), act, source, on_device)
 
 
 def available_bytes(run: Any, device: str) -> float | None:

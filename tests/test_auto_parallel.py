@@ -106,25 +106,19 @@ def test_predicted_step_time_ranks_the_plans(measured) -> None:
 
 @pytest.mark.calibration
 def test_predicted_peak_memory(measured) -> None:
-    """Within 10 % for all modelled cells but one (the issue's bar); 15 % for
-    every modelled cell (TP with 4 micro-batches measured 11.6 % and 14.4 % over
-    in two runs: its live-tensor peak varies run to run).
-    Known, unmodelled: the in-house ZeRO-3 under gradient accumulation peaks
-    ≈ Ψ·4 bytes above the model (measured 84 MiB vs 60 predicted; 102 MiB before
-    impl/zero.py bounded the reduce-scatters in flight) — asserted as a gap so
-    that a fix shows up here."""
+    """Within 10 % for every cell but TP with 4 micro-batches, which gets 15 %:
+    its live-tensor peak (at the vocab-parallel loss of the last micro-batch)
+    varied 67-73 MiB between launches of the same cell against 63.3 predicted;
+    the model explains the TP activations exactly (0.630 of the block's values
+    kept per rank, measured) but not ~4-7 MiB live at that moment in the
+    tracker's warm-up step (the profiled step sees 64.3). ZeRO-3 with
+    accumulation is modelled by walking its backward (cost_model.zero_backward_peak)."""
     _, _, manual, _, _, _ = measured
     v = validation(manual)
     print(f"memory: median error {v['mem_median_error_pct']:.1f} %, max {v['mem_max_error_pct']:.1f} %")
-    zero3_accum = {r["notes"]["plan"]["label"] for r in manual
-                   if r["config"]["zero"] == 3 and r["config"]["microbatches"] > 1}
-    modelled = [row for row in v["rows"] if row["plan"] not in zero3_accum]
-    assert sum(abs(row["mem_ratio"] - 1) <= 0.10 for row in modelled) >= len(modelled) - 1
-    for row in modelled:
-        assert abs(row["mem_ratio"] - 1) <= 0.15, row
+    tp_accum = {r["notes"]["plan"]["label"] for r in manual if r["config"]["tp"] > 1 and r["config"]["microbatches"] > 1}
     for row in v["rows"]:
-        if row["plan"] in zero3_accum:
-            assert row["mem_ratio"] > 1.3, row  # the known gap; if this fails, model the fix
+        assert abs(row["mem_ratio"] - 1) <= (0.15 if row["plan"] in tp_accum else 0.10), row
 
 
 @pytest.mark.calibration
@@ -208,6 +202,24 @@ def test_cost_model_components_follow_the_theory() -> None:
     assert ck.activation_bytes < dp.activation_bytes / 10
 
 
+def test_zero_backward_walk_mirrors_impl_zero() -> None:
+    """The walk uses impl.zero's in-flight bound; under accumulation the ZeRO-3
+    peak is in the backward (gradient shards of earlier micro-batches + the
+    reduce-scatter working set), with one micro-batch at the loss."""
+    from impl.auto_parallel.cost_model import ZERO_RS_IN_FLIGHT, memory, zero_unit_numels
+    from impl.zero import MAX_INFLIGHT_RS
+
+    cfg = PRESETS["small"]
+    assert ZERO_RS_IN_FLIGHT == MAX_INFLIGHT_RS
+    assert sum(zero_unit_numels(cfg)) == pytest.approx(total_params(cfg))
+    state, act, loss, work = memory(Knobs(**BASE, zero=3, microbatches=4), cfg)
+    psi = total_params(cfg)
+    assert loss == 0 and state == pytest.approx(16 * psi / 2)  # 4Ψ/N params + grads, 8Ψ/N Adam (fp32)
+    assert work > 2 * psi / 2  # more than the gradient shards it adds to
+    _, _, loss1, work1 = memory(Knobs(**BASE, zero=3), cfg)
+    assert loss1 > 0 and work1 == 0
+
+
 def test_zero_paper_model_state_figures() -> None:
     """Rajbhandari et al. 2020, Fig. 1: Ψ = 7.5B, Adam in mixed precision (K = 12),
     N_d = 64: 120 GB baseline, 31.4 GB P_os, 16.6 GB P_os+g, 1.88 GB P_os+g+p."""
@@ -219,8 +231,11 @@ def test_zero_paper_model_state_figures() -> None:
     # the planner's memory uses the same formulas: llama-7b ZeRO-3 over 64 ranks = 16Ψ/64
     knobs = Knobs(model="llama-7b", world_size=64, zero=3, precision="bf16", batch_size=64, seq_len=2048,
                   device="cuda")
+    psi7 = total_params(PRESETS["llama-7b"])
+    assert predict_device_bytes(knobs).state_bytes == pytest.approx(16 * psi7 / 64)
+    # at its peak (the loss of the only micro-batch) the 2Ψ/N gradient shard is not made yet
     est = estimate(knobs, default_gpu_profile("H100 SXM"))
-    assert est.state_bytes == pytest.approx(16 * total_params(PRESETS["llama-7b"]) / 64)
+    assert est.state_bytes == pytest.approx(14 * psi7 / 64)
 
 
 def test_korthikanti_activation_reduction() -> None:
