@@ -40,6 +40,9 @@ class Knobs(BaseModel):
     microbatches: int = Field(default=1, strict=True, ge=1)
     pp_schedule: PipelineSchedule = "1f1b"
     virtual_stages: int = Field(default=1, strict=True, ge=1)
+    pp_balance: Literal["params", "time"] = "params"
+    """How the pipeline cuts blocks into stages: equal parameters, or equal forward+backward
+    time measured once per piece before training (adapter inhouse only)."""
     zero: Literal[0, 1, 2, 3] = 0
     offload: Literal["none", "optimizer", "optimizer+params"] = "none"
     checkpointing: Literal["none", "full", "selective"] = "none"
@@ -131,6 +134,9 @@ class Knobs(BaseModel):
             raise ValueError("offload = 'optimizer' needs zero >= 1 (ZeRO-Offload partitions the optimizer)")
         if self.offload == "optimizer+params" and self.zero != 3:
             raise ValueError("offload = 'optimizer+params' needs zero = 3")
+        if self.pp_balance != "params" and (self.pp < 2 or self.adapter != "inhouse"):
+            raise ValueError(f"pp_balance = {self.pp_balance!r} needs pp >= 2 and adapter 'inhouse' "
+                             f"(got pp = {self.pp}, adapter = {self.adapter!r}); other adapters cut by their own rule")
         if self.pp > 1 and self.zero > 1:
             raise ValueError(f"zero = {self.zero} cannot be combined with pp = {self.pp} (only zero 0/1 with pipelines)")
         return self

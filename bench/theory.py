@@ -107,7 +107,8 @@ def allreduce_bytes_sent(size_bytes: float, n: int, algorithm: str) -> float:
 
 def bubble_fraction(pp: int, microbatches: int, schedule: str, virtual_stages: int = 1) -> float | None:
     """Idle fraction of ideal time: (p−1)/m for GPipe and 1F1B; (p−1)/(v·m) interleaved
-    (Narayanan et al. 2021, §2.2)."""
+    (Narayanan et al. 2021, §2.2). Assumes equal stage times and free communication; for
+    measured, unequal op times see ``impl.pipeline_bubble.replay`` (equal to this at equal times)."""
     if pp == 1:
         return None
     if schedule == "interleaved":

@@ -92,6 +92,17 @@ def interleaved_order(m: int, pp: int, pp_rank: int, v: int) -> list[Op]:
     return ops + [("B", *unit(k, False)) for k in range(total - warm, total)]
 
 
+def sync_order(schedule: str, m: int, pp: int, pp_rank: int, v: int = 1) -> list[Op]:
+    """One flushed step's order of a synchronous schedule (``gpipe``, ``1f1b``, ``interleaved``)."""
+    if schedule == "gpipe":
+        return gpipe_order(m, pp, pp_rank)
+    if schedule == "1f1b":
+        return one_f_one_b_order(m, pp, pp_rank)
+    if schedule == "interleaved":
+        return interleaved_order(m, pp, pp_rank, v)
+    raise ValueError(f"no flushed order for schedule {schedule!r}")
+
+
 def pipedream_order(step: int, m: int, pp: int, pp_rank: int) -> list[Op]:
     """Harness step ``step`` of the un-flushed 1F1B stream (see the module docstring)."""
     w = pp - pp_rank - 1

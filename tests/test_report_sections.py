@@ -59,3 +59,28 @@ def test_pipeline_timeline_drawn_from_the_notes():
     }
     plots = pipeline_timeline_plots([r])
     assert len(plots) == 1 and r["cell_id"] in plots[0][0] and plots[0][1]
+
+
+def test_adapter_ratios_pair_cells_that_differ_only_in_adapter():
+    from bench.report.adapter_ratios import adapter_ratio_rows
+
+    records = _records()
+    rows = adapter_ratio_rows(records)
+    pairs = {}
+    for r in records:
+        if r["status"] == "ok":
+            pairs.setdefault(json.dumps({k: v for k, v in r["config"].items() if k not in ("adapter", "dp")},
+                                        sort_keys=True), {})[r["adapter"]] = r
+    shared = [p for p in pairs.values() if len(p) > 1]
+    assert shared and len(rows) == sum(len(p) for p in shared)
+    for p in shared:
+        ref, other = p["inhouse"]["metrics"], p["torch"]["metrics"]
+        label = next(row["cell"] for row in rows if row["adapter"] == "torch"
+                     and abs(row["step_time_ms"] - other["step_time_median_s"] * 1e3) < 1e-9)
+        mine = {row["adapter"]: row for row in rows if row["cell"] == label}
+        assert mine["inhouse"]["is_reference"] and mine["inhouse"]["time_ratio"] == 1.0
+        assert mine["torch"]["time_ratio"] == other["step_time_median_s"] / ref["step_time_median_s"]
+        assert mine["torch"]["comm_ratio"] == other["comm_bytes_per_step"] / ref["comm_bytes_per_step"]
+        assert mine["torch"]["mem_ratio"] == other["peak_mem_bytes"] / ref["peak_mem_bytes"]
+    # One adapter only: nothing to compare.
+    assert adapter_ratio_rows([r for r in records if r["adapter"] == "inhouse"]) == []

@@ -3,7 +3,10 @@
 Ranks form a dp × pp grid (tp = 1): pipeline rank = (rank // tp) % pp, as in
 ``ParallelDims.coords``; each data-parallel replica is one pipeline over
 ``pp`` consecutive ranks. Blocks are cut into pp·v stages balanced by
-parameter count (stage 0 counts the embedding, the last the head).
+parameter count (``pp_balance: params``; stage 0 counts the embedding, the
+last the head) or by forward+backward time (``pp_balance: time``: rank 0
+times every block, the embedding and the head + loss once on one
+micro-batch and broadcasts the cut, so every rank builds the same stages).
 
 Synchronous schedules (GPipe, 1F1B, interleaved) scale each micro-batch's
 loss by 1/m, all-reduce the gradients across replicas after the flush and
@@ -11,8 +14,12 @@ step once: a step equals the single-process full-batch step. PipeDream steps
 after every micro-batch (see ``impl.pipeline_schedules``).
 
 Record notes: the schedule, the partition, and per rank the most micro-batches
-whose activations were held at once and the measured bubble (idle ÷ busy
-compute per rank, against (p−1)/m, or (p−1)/(v·m) interleaved). Rank 0 writes
+whose activations were held at once and the step timelines. The bubble
+(``impl.pipeline_bubble``): measured = Σ_r (T − busy_r) ÷ Σ_r busy_r with T
+stage 0's span, median over the steps after the first; beside it (p−1)/m
+((p−1)/(v·m) interleaved) and the theory for the measured stage times (the
+same orders replayed with each stage's median forward/backward time and free
+communication), each with measured ÷ theory. Rank 0 writes
 the record, so the other ranks publish their figures through the job's
 rendezvous store (a key–value side channel that the communication meter does
 not see, keeping the metered traffic exactly the pipeline's own).
@@ -32,10 +39,12 @@ from bench.theory import bubble_fraction
 from bench.workload import Batch
 from impl.model import Decoder
 from impl.parallel_dims import ParallelDims
-from impl.pipeline import P2P, build_stages, partition_model
-from impl.pipeline_schedules import SCHEDULES, PipelineRank, allreduce_mean_grads
+from impl.pipeline import P2P, build_stages, measure_piece_times, partition_layers, partition_model
+from impl.pipeline_bubble import bubble, replay_bubble, span_s
+from impl.pipeline_schedules import SCHEDULES, PipelineRank, allreduce_mean_grads, sync_order
 
 INHOUSE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "pipedream")
+RECENT = 8  # steps whose op durations each rank publishes: the bubble is a median over these
 
 
 def why_not_pipeline(knobs: Knobs) -> str | None:
@@ -72,8 +81,7 @@ def build_pipeline(knobs: Knobs, model: Decoder, dims: ParallelDims, device: tor
     dp_rank, pp_rank, _ = dims.coords(rank)
     pp, m, schedule = dims.pp, knobs.microbatches, knobs.pp_schedule
     v = knobs.virtual_stages if schedule == "interleaved" else 1
-    # Every rank builds the same full model, so the partition is the same everywhere.
-    partition = partition_model(model, pp * v, balance="params")
+    partition, piece_times = _partition(knobs, model, dims, pp * v, device)
     chunks = build_stages(model, pp_rank, pp, v, partition=partition)
     p2p = P2P([dp_rank * pp + i for i in range(pp)])
     pipe = PipelineRank(chunks, p2p, dim=model.cfg.dim, device=device, stash_weights=schedule == "pipedream")
@@ -85,17 +93,25 @@ def build_pipeline(knobs: Knobs, model: Decoder, dims: ParallelDims, device: tor
 
     notes: dict = {
         "model_type": "impl.model.Decoder", "optimizer_impl": NOTES[knobs.optimizer],
-        "pipeline": (f"impl.pipeline_schedules.train_step_{schedule}, {pp * v} stages balanced by parameters "
+        "pipeline": (f"impl.pipeline_schedules.train_step_{schedule}, {pp * v} stages balanced by "
+                     f"{'measured time' if knobs.pp_balance == 'time' else 'parameters'} "
                      f"(rank {rank}: stages {[c.stage for c in chunks]}, "
                      f"blocks {[list(c.layer_ids) for c in chunks]}), {m} micro-batches"
                      + (f", dp = {dims.dp} replicas (flat gradient all-reduce after the flush)" if dims.dp > 1 else "")),
         "pipeline_schedule": schedule,
         "pipeline_partition": [list(r) for r in partition],
+        "pipeline_balance": knobs.pp_balance,
+        "pipeline_grid": {"pp": pp, "dp": dims.dp, "microbatches": m, "virtual_stages": v, "schedule": schedule},
         "bubble_theory": bubble_fraction(pp, m, schedule, v),
-        "bubble_definition": "per rank idle/busy: (schedule wall − forward/backward compute) ÷ compute, "
-                             "median over steps after the first; theory (p−1)/m of ideal time "
-                             "((p−1)/(v·m) interleaved)",
+        "bubble_definition": "pipeline idle ÷ busy: Σ_r (T − busy_r) ÷ Σ_r busy_r, T = stage 0's span (first "
+                             "forward to last backward), busy = forward/backward compute without receive waits; "
+                             f"median over the last {RECENT} steps after the first, mean over replicas. Theory: "
+                             "(p−1)/m ((p−1)/(v·m) interleaved), which assumes equal stage times and free "
+                             "communication; bubble_stage_theory = the same orders replayed with every op's "
+                             "measured duration and free communication (impl/pipeline_bubble.py)",
     }
+    if piece_times is not None:
+        notes["pipeline_piece_times_s"] = piece_times
     if schedule == "pipedream":
         notes["pipedream"] = (f"asynchronous: one optimizer update per micro-batch per stage ({m} per step), "
                               f"weight stashing; stage r is p−r−1 updates stale")
@@ -121,7 +137,8 @@ def build_pipeline(knobs: Knobs, model: Decoder, dims: ParallelDims, device: tor
             stats = SCHEDULES[schedule](pipe, batch.inputs, batch.targets, m)
             update()
         history.append({"max_in_flight": stats.max_in_flight, "max_weight_versions": stats.max_weight_versions,
-                        "busy_s": stats.busy_s, "schedule_s": stats.schedule_s, "timeline": stats.timeline})
+                        "busy_s": stats.busy_s, "schedule_s": stats.schedule_s, "span_s": span_s(stats.timeline),
+                        "timeline": stats.timeline})
         summary = _summarise(history)
         if rank == 0:
             notes.setdefault("pipeline_by_rank", {})["0"] = summary
@@ -136,6 +153,22 @@ def build_pipeline(knobs: Knobs, model: Decoder, dims: ParallelDims, device: tor
     # TrainStep copies ``notes``; the per-step figures must land in the record's dict.
     notes = train_step.notes
     return train_step
+
+
+def _partition(knobs: Knobs, model: Decoder, dims: ParallelDims, n_stages: int, device: torch.device):
+    """Blocks per stage, the same on every rank; with ``pp_balance: time`` also the piece times
+    ({"blocks": [...], "embedding": s, "head": s}) rank 0 measured and broadcast."""
+    if knobs.pp_balance == "params":  # every rank holds the same full model: the same cut everywhere
+        return partition_model(model, n_stages, balance="params"), None
+    payload: list = [None]
+    if dist.get_rank() == 0:
+        rows = knobs.batch_size // (dims.dp * knobs.microbatches)  # one micro-batch, as the stages will see it
+        tokens = torch.randint(0, model.cfg.vocab_size, (rows, knobs.seq_len), device=device)
+        blocks, embed, head = measure_piece_times(model, tokens, tokens)
+        payload = [{"blocks": blocks, "embedding": embed, "head": head}]
+    dist.broadcast_object_list(payload, src=0)  # at build time: outside the metered step
+    t = payload[0]
+    return partition_layers(t["blocks"], n_stages, first_extra=t["embedding"], last_extra=t["head"]), t
 
 
 def _dp_group(dims: ParallelDims, pp_rank: int):
@@ -163,7 +196,14 @@ def _summarise(history: list[dict]) -> dict:
         "idle_over_total": statistics.median(idle) if idle else None,
         "busy_s": [h["busy_s"] for h in history],
         "schedule_s": [h["schedule_s"] for h in history],
-        "timeline_last_step": [list(e) for e in history[-1]["timeline"]],
+        "span_s": [h["span_s"] for h in history],
+        # Each op's seconds, in this rank's order, for the last RECENT steps (the replayed theory).
+        "op_s_recent": {str(k): [e[4] - e[3] for e in history[k]["timeline"]]
+                        for k in range(max(0, len(history) - RECENT - 1), len(history))},
+        # The last two steps' timelines: rank 0 writes the record while the others' latest
+        # published figures may be one step older, and the Gantt lanes must show one step.
+        "timelines_recent": {str(k): [list(e) for e in history[k]["timeline"]]
+                             for k in range(max(0, len(history) - 2), len(history))},
     }
 
 
@@ -181,8 +221,46 @@ def _collect(store, world: int, notes: dict) -> None:
 def _aggregate(notes: dict, world: int) -> None:
     by_rank = notes.get("pipeline_by_rank", {})
     notes["max_in_flight_by_rank"] = {r: s["max_in_flight"] for r, s in sorted(by_rank.items(), key=lambda x: int(x[0]))}
-    vals = [s["idle_over_busy"] for s in by_rank.values() if s.get("idle_over_busy") is not None]
-    notes["bubble_measured"] = statistics.mean(vals) if vals else None
     notes["bubble_ranks_reported"] = len(by_rank)
-    if notes["bubble_measured"] is not None and notes.get("bubble_theory"):
-        notes["bubble_measured_over_theory"] = notes["bubble_measured"] / notes["bubble_theory"]
+    if by_rank:  # every lane of the Gantt chart from the same step: the last one all ranks reported
+        step = min(s["steps"] for s in by_rank.values()) - 1
+        notes["pipeline_timeline_step"] = step
+        for s in by_rank.values():
+            if "timelines_recent" in s:  # popped once picked: the record keeps one step per rank
+                s["timeline_last_step"] = s.pop("timelines_recent").get(str(step), [])
+    grid = notes["pipeline_grid"]
+    if grid["schedule"] == "pipedream":  # no flush: stage 0 does not bound the step; per-rank figures only
+        return
+    replicas = [_replica_bubble(by_rank, [str(d * grid["pp"] + i) for i in range(grid["pp"])], grid)
+                for d in range(grid["dp"])]
+    replicas = [r for r in replicas if r is not None]
+    for i, key in enumerate(("bubble_measured", "bubble_stage_theory", "pipeline_busy_max_over_mean")):
+        notes[key] = statistics.mean(r[i] for r in replicas) if replicas else None
+    within = {}
+    for key, theory in (("theory", notes.get("bubble_theory")), ("stage_theory", notes["bubble_stage_theory"])):
+        if notes["bubble_measured"] is not None and theory:
+            ratio = notes["bubble_measured"] / theory
+            notes[f"bubble_measured_over_{key}"] = ratio
+            within[key] = abs(ratio - 1) <= 0.10
+    notes["bubble_within_10pct"] = within
+
+
+def _replica_bubble(by_rank: dict, ranks: list[str], grid: dict) -> tuple[float, float, float] | None:
+    """(measured, theory for the measured stage times, busiest rank's busy ÷ mean busy) of one
+    pipeline replica, medians over steps, or None until every rank has reported. Steps pair by
+    index (every rank runs every step); the first is excluded (one-off allocations, gloo pairs)."""
+    if any(r not in by_rank for r in ranks):
+        return None
+    n = min(len(by_rank[r]["busy_s"]) for r in ranks)
+    pp, v = grid["pp"], grid["virtual_stages"]
+    orders = [sync_order(grid["schedule"], grid["microbatches"], pp, i, v) for i in range(pp)]
+    measured, theory, imbalance = [], [], []
+    for k in range(max(1 if n > 1 else 0, n - RECENT), n):
+        busy = [by_rank[r]["busy_s"][k] for r in ranks]
+        measured.append(bubble(by_rank[ranks[0]]["span_s"][k], busy))
+        imbalance.append(max(busy) / statistics.fmean(busy))
+        # The ideal, communication-free run of the same orders at this step's measured op durations.
+        theory.append(replay_bubble(orders, [by_rank[r]["op_s_recent"][str(k)] for r in ranks]))
+    if not measured:
+        return None
+    return statistics.median(measured), statistics.median(theory), statistics.median(imbalance)

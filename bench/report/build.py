@@ -11,9 +11,11 @@ import pandas as pd
 from bench.explain import breakdown_plot, explain_pages
 from bench.knobs import Knobs
 from bench.plan import validation as planner_validation
+from bench.report.adapter_ratios import adapter_ratio_rows
 from bench.report.labels import DEFAULTS, cell_label, config_key
 from bench.report.plots import (busbw_plot, loss_parity_plots, metric_plot, pipeline_timeline_plots, scaling_plots,
                                 step_plot)
+from bench.report.pipeline import BUBBLE_TOLERANCE, pipeline_bubble_rows
 from bench.report.scaling_fit import scaling_fit_plot, scaling_rows
 from bench.results import read_records
 
@@ -189,6 +191,8 @@ def write_report(results_file: Path, out_root: Path) -> Path:
         optimizer_state=optimizer_state_rows(records), checkpointing=checkpointing_rows(records),
         support=support_matrix(records), tolerances=THEORY_TOLERANCE, scaling=scaling_rows(records),
         planner=planner_validation(records),
+        adapter_ratios=adapter_ratio_rows(records),
+        pipeline_bubble=pipeline_bubble_rows(records), bubble_tolerance=BUBBLE_TOLERANCE,
         sources=sorted({(r["metrics"] or {}).get("peak_mem_source") for r in records if r.get("metrics")} - {None}),
         peak_sources=sorted({(r["metrics"] or {}).get("peak_flops_source") for r in records if r.get("metrics")} - {None}),
         explain_links=explain_pages(records, out_root / suite / run_id, technique_group),

@@ -175,6 +175,9 @@ def pipeline_timeline_plots(records: list[dict[str, Any]]) -> list[tuple[str, st
         ax.invert_yaxis()
         ax.set_xlabel("ms since the step started (forward light, backward dark; numbers are micro-batches)")
         c = r["config"]
-        ax.set_title(f"{r['adapter']} pp={c['pp']} {c['pp_schedule']} m={c['microbatches']} ({r['cell_id']})")
+        notes = r.get("notes") or {}
+        bubble = (f"; bubble {notes['bubble_measured']:.3f} vs (p−1)/m {notes['bubble_theory']:.3f}"
+                  if notes.get("bubble_measured") is not None and notes.get("bubble_theory") else "")
+        ax.set_title(f"{r['adapter']} pp={c['pp']} {c['pp_schedule']} m={c['microbatches']} ({r['cell_id']}){bubble}")
         out.append((f"pipeline timeline {r['cell_id']}", _png(fig)))
     return out
