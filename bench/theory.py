@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-THEORY_VERSION = "zero-sc20+korthikanti22+pipedream+optimizer-state+onebit+megatron-tp+pp-p2p-v3+ring-sp+tp3d+tp2d"
+THEORY_VERSION = "zero-sc20+korthikanti22+pipedream+optimizer-state+onebit+megatron-tp+pp-p2p-v3+ring-sp+tp3d+tp2d+pp-tp"
 
 # Optimizer state bytes per parameter kept in fp32 (excluding a master copy).
 # 1-bit LAMB also keeps a fresh variance and the previous momentum (Li et al. 2021, Alg. 1).
@@ -263,6 +263,13 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
     elif knobs.pp > 1 and knobs.tp == 1 and knobs.dp == 1 and knobs.pp_schedule in ("gpipe", "1f1b", "interleaved",
                                                                                     "pipedream"):
         comm = max(_pipeline_comm_by_rank(knobs, cfg, elem, warmup))
+    elif (knobs.pp > 1 and (knobs.tp > 1 or knobs.dp > 1) and knobs.tp_mode == "1d" and knobs.zero == 0
+          and knobs.pp_schedule in ("gpipe", "1f1b", "interleaved")):
+        comm = max(pp_tp_comm_by_rank(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, tp=knobs.tp,
+                                      pp=knobs.pp, microbatches=knobs.microbatches, dp=knobs.dp,
+                                      virtual_stages=knobs.virtual_stages if knobs.pp_schedule == "interleaved" else 1,
+                                      sequence_parallel=knobs.sequence_parallel == "megatron",
+                                      bytes_per_value=elem))
     elif ring and knobs.zero == 0:
         comm = ring_sp_comm_bytes(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, ring=knobs.tp, dp=knobs.dp,
                                   bytes_per_value=elem)
@@ -432,6 +439,48 @@ def tp_comm_bytes(cfg: Any, *, b: int, s: int, tp: int, dp: int = 1, sequence_pa
     grads = 2 * tp_local_params(cfg, tp) * bytes_per_value * (dp - 1) / dp
     return act + loss + norms + grads
 
+
+
+def pp_tp_comm_by_rank(cfg: Any, *, b: int, s: int, tp: int, pp: int, microbatches: int, virtual_stages: int = 1,
+                       dp: int = 1, sequence_parallel: bool = False, bytes_per_value: int = 4) -> list[float]:
+    """Bus bytes per step of each pipeline rank (any tp rank: they are alike) of
+    a dp × tp × pp grid (``bench.adapters.inhouse_pp`` with tp > 1): every stage
+    Megatron-sharded, cut by parameters exactly as ``impl.pipeline.partition_model``
+    cuts the sharded model, b sequences per replica. A rank sums over its stages:
+
+    * ``tp_comm_bytes``'s terms restricted to the stage: 4 (b, s, h) all-reduces
+      per block, + the embedding's forward g on stage 0, + the head input's
+      backward f and the loss's 3 (b, s) all-reduces on the last stage; under
+      sequence parallel the same bus bytes as all-gather/reduce-scatter, plus the
+      stage's norm weights' gradients all-reduced once per step;
+    * the p2p sends of ``pipeline_p2p_bytes`` with (b/m, s/t, h) hidden states under
+      sequence parallel (each tp rank sends its shard), (b/m, s, h) otherwise (each
+      tp rank sends its replica to its counterpart in the next stage);
+    * the dp all-reduce of the stage's local gradients, 2Ψ_stage(N_d−1)/N_d."""
+    from impl.pipeline import partition_layers
+
+    h, ar, elem = cfg.dim, 2 * (tp - 1) / tp, bytes_per_value
+    shapes = tp_param_shapes(cfg, tp)
+    count = lambda prefix: sum(math.prod(v) for k, v in shapes.items() if k.startswith(prefix))  # noqa: E731
+    blocks = [count(f"layers.{i}.") for i in range(cfg.n_layers)]
+    embed, head = count("tok_embeddings."), count("norm.") + count("output.")
+    n_stages = pp * virtual_stages
+    cut = partition_layers(blocks, n_stages, first_extra=embed, last_extra=head)
+    p2p = pipeline_p2p_bytes(pp=pp, microbatches=microbatches, micro_batch=b // microbatches,
+                             seq_len=s // tp if sequence_parallel else s, dim=h, virtual_stages=virtual_stages,
+                             bytes_per_value=elem)
+    out = []
+    for r in range(pp):
+        total = p2p[r]
+        for st in range(r, n_stages, pp):
+            first, last, n_blocks = st == 0, st == n_stages - 1, len(cut[st])
+            total += (4 * n_blocks + first + last) * b * s * h * elem * ar + last * 3 * b * s * 4 * ar
+            if sequence_parallel:
+                total += (2 * n_blocks + last) * h * elem * ar
+            local = sum(blocks[i] for i in cut[st]) + first * embed + last * head
+            total += 2 * local * elem * (dp - 1) / dp
+        out.append(float(total))
+    return out
 
 # ---- sequence parallel: ring self-attention (Li et al. 2021) ----
 

@@ -44,6 +44,10 @@ PRESETS: dict[str, ModelConfig] = {
                              max_seq_len=16384),
     "gpt2-124m-long": ModelConfig(vocab_size=50304, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048,
                                   max_seq_len=32768),
+    # Many thin blocks and a small vocabulary, so pipeline stages can be cut evenly: the
+    # head + loss (V·D = 256·128) costs a fraction of one block (13·D²), and 16 blocks
+    # split 8 + 8 or 4 × 4 by parameters and by time (the pipeline bubble against (p−1)/m).
+    "deep": ModelConfig(vocab_size=256, dim=128, n_layers=16, n_heads=4, n_kv_heads=4, ffn_dim=384),
 }
 
 

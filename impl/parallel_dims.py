@@ -1,4 +1,5 @@
-"""Degrees of parallelism on one dp × tp × pp grid (torchtitan's ParallelDims idea)."""
+"""Degrees of parallelism on one dp × tp × pp grid (torchtitan's ParallelDims idea),
+and the process groups of one rank on that grid."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,3 +45,41 @@ class ParallelDims:
         pp_rank = (rank // self.tp) % self.pp
         dp_rank = rank // (self.tp * self.pp)
         return dp_rank, pp_rank, tp_rank
+
+
+@dataclass(frozen=True, slots=True)
+class GridGroups:
+    """This rank's groups on the dp × tp × pp grid, built once, in one order on
+    every rank (``dist.new_group`` is collective)."""
+
+    dims: ParallelDims
+    tp: object | None
+    """Tensor-parallel group: same (dp, pp) coordinates; None when tp = 1."""
+    dp: object | None
+    """Data-parallel group: same (pp, tp) coordinates; None when dp = 1."""
+    pp_ranks: list[int]
+    """Global ranks of this rank's pipeline, stage order: same (dp, tp) coordinates."""
+
+
+def new_grid_groups(dims: ParallelDims) -> GridGroups:
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    coords = [dims.coords(r) for r in range(dims.world_size)]
+    dp_rank, pp_rank, tp_rank = coords[rank]
+
+    def groups(key, wanted: bool):
+        mine = None
+        if not wanted:
+            return None
+        for k in sorted({key(c) for c in coords}):
+            g = dist.new_group([r for r, c in enumerate(coords) if key(c) == k])
+            if k == key(coords[rank]):
+                mine = g
+        return mine
+
+    tp = groups(lambda c: (c[0], c[1]), dims.tp > 1)
+    dp = groups(lambda c: (c[1], c[2]), dims.dp > 1)
+    pp_ranks = sorted((r for r, c in enumerate(coords) if (c[0], c[2]) == (dp_rank, tp_rank)),
+                      key=lambda r: coords[r][1])
+    return GridGroups(dims=dims, tp=tp, dp=dp, pp_ranks=pp_ranks)

@@ -131,9 +131,12 @@ class PipelineStage(nn.Module):
     Stage 0: (b, T) token ids → (b, T, D) hidden; middle: (b, T, D) → (b, T, D);
     last: → (b, T, V) logits (``loss`` turns them into the mean cross-entropy)."""
 
-    def __init__(self, model: Decoder, layer_ids: range, *, stage: int, n_stages: int) -> None:
+    def __init__(self, model: Decoder, layer_ids: range, *, stage: int, n_stages: int, seq_split: int = 1) -> None:
         super().__init__()
         self.stage, self.n_stages, self.layer_ids = stage, n_stages, layer_ids
+        # Under Megatron sequence parallel the hidden state holds T/seq_split positions per
+        # rank; RoPE still rotates all T (attention gathers the sequence first).
+        self.seq_split = seq_split
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
         self.tok_embeddings = model.tok_embeddings if self.is_first else None
         self.layers = nn.ModuleList(model.layers[i] for i in layer_ids)
@@ -147,7 +150,7 @@ class PipelineStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(x) if self.is_first else x
-        T = h.shape[1]
+        T = h.shape[1] * self.seq_split
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer in self.layers:
             h = layer(h, cos, sin)
@@ -155,11 +158,11 @@ class PipelineStage(nn.Module):
 
 
 def build_stages(model: Decoder, pp_rank: int, pp: int, virtual_stages: int = 1, *,
-                 partition: list[range] | None = None) -> list[PipelineStage]:
+                 partition: list[range] | None = None, seq_split: int = 1) -> list[PipelineStage]:
     """This rank's chunks (loop placement), cut by ``partition`` (default: balanced by params)."""
     n_stages = pp * virtual_stages
     partition = partition or partition_model(model, n_stages)
-    return [PipelineStage(model, partition[s], stage=s, n_stages=n_stages)
+    return [PipelineStage(model, partition[s], stage=s, n_stages=n_stages, seq_split=seq_split)
             for s in stages_of_rank(pp_rank, pp, virtual_stages)]
 
 

@@ -95,7 +95,7 @@ class InhouseAdapter(Adapter):
             from bench.adapters.inhouse_ring import build_ring
 
             return build_ring(knobs, model, dims, device)
-        if dims.tp > 1:
+        if dims.tp > 1 and knobs.pp == 1:
             # Tensor (+ sequence) parallel has its own plan: it shards the weights
             # before data parallel sees them, and its loss is vocab-parallel.
             from bench.adapters.inhouse_tp import build_tensor_parallel
@@ -103,7 +103,8 @@ class InhouseAdapter(Adapter):
             return build_tensor_parallel(knobs, model, dims, device)
         if knobs.pp > 1:
             # A pipeline cuts the model into stages and owns its step (schedule,
-            # point-to-point, gradient all-reduce across replicas after the flush).
+            # point-to-point, gradient all-reduce across replicas after the flush);
+            # with tp > 1 each stage's blocks are Megatron-sharded first.
             from bench.adapters.inhouse_pp import build_pipeline
 
             return build_pipeline(knobs, model, dims, device)

@@ -37,11 +37,12 @@ from bench.adapters.inhouse_optimizers import NOTES, make_optimizer
 from bench.knobs import Knobs
 from bench.theory import bubble_fraction
 from bench.workload import Batch
-from impl.model import Decoder
-from impl.parallel_dims import ParallelDims
+from impl.model import Decoder, lm_loss
+from impl.parallel_dims import ParallelDims, new_grid_groups
 from impl.pipeline import P2P, build_stages, measure_piece_times, partition_layers, partition_model
 from impl.pipeline_bubble import bubble, replay_bubble, span_s
 from impl.pipeline_schedules import SCHEDULES, PipelineRank, allreduce_mean_grads, sync_order
+from impl.tensor_parallel import apply_tensor_parallel
 
 INHOUSE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "pipedream")
 RECENT = 8  # steps whose op durations each rank publishes: the bubble is a median over these
@@ -52,8 +53,10 @@ def why_not_pipeline(knobs: Knobs) -> str | None:
     if knobs.pp_schedule not in INHOUSE_SCHEDULES:
         return None  # the capability table answers (zbv, …)
     name = f"pipeline_{knobs.pp_schedule}"
-    if knobs.tp > 1:
-        return f"{name}: tp = {knobs.tp} with pp is not composed in the inhouse adapter (dp × pp only)"
+    if knobs.tp > 1 and (knobs.pp_schedule == "pipedream" or knobs.pp_balance != "params"):
+        return (f"{name}: tp = {knobs.tp} with pp composes with the synchronous schedules (gpipe, 1f1b, "
+                f"interleaved) cut by parameters; PipeDream's weight stash and the timing pass would run "
+                f"the tensor-parallel collectives outside the schedule")
     if knobs.zero:
         return f"{name}: zero = {knobs.zero} with pp is not composed (stages step a plain optimizer)"
     if knobs.precision != "fp32":
@@ -81,14 +84,21 @@ def build_pipeline(knobs: Knobs, model: Decoder, dims: ParallelDims, device: tor
     dp_rank, pp_rank, _ = dims.coords(rank)
     pp, m, schedule = dims.pp, knobs.microbatches, knobs.pp_schedule
     v = knobs.virtual_stages if schedule == "interleaved" else 1
+    groups = new_grid_groups(dims)
+    # dp × tp × pp: Megatron-shard the whole model over the tp group first, so
+    # every stage cut from it holds its blocks' shards (same cut on every rank:
+    # the shards of one tp group are equal in size).
+    sp = knobs.sequence_parallel == "megatron"
+    tp = apply_tensor_parallel(model, group=groups.tp, sequence_parallel=sp) if dims.tp > 1 else None
     partition, piece_times = _partition(knobs, model, dims, pp * v, device)
-    chunks = build_stages(model, pp_rank, pp, v, partition=partition)
-    p2p = P2P([dp_rank * pp + i for i in range(pp)])
-    pipe = PipelineRank(chunks, p2p, dim=model.cfg.dim, device=device, stash_weights=schedule == "pipedream")
+    chunks = build_stages(model, pp_rank, pp, v, partition=partition, seq_split=dims.tp if sp else 1)
+    p2p = P2P(groups.pp_ranks)
+    pipe = PipelineRank(chunks, p2p, dim=model.cfg.dim, device=device, stash_weights=schedule == "pipedream",
+                        seq_split=dims.tp if sp else 1, loss_fn=tp.loss if tp else lm_loss)
     params = [p for c in chunks for p in c.parameters()]
     names = [n for c in chunks for n in c.model_names]
     optimizer = make_optimizer(knobs.optimizer, zip(names, params), fused=False)
-    dp_group = _dp_group(dims, pp_rank)
+    dp_group = groups.dp
     is_last = any(c.is_last for c in chunks)
 
     notes: dict = {
@@ -97,11 +107,14 @@ def build_pipeline(knobs: Knobs, model: Decoder, dims: ParallelDims, device: tor
                      f"{'measured time' if knobs.pp_balance == 'time' else 'parameters'} "
                      f"(rank {rank}: stages {[c.stage for c in chunks]}, "
                      f"blocks {[list(c.layer_ids) for c in chunks]}), {m} micro-batches"
-                     + (f", dp = {dims.dp} replicas (flat gradient all-reduce after the flush)" if dims.dp > 1 else "")),
+                     + (f", dp = {dims.dp} replicas (flat gradient all-reduce after the flush)" if dims.dp > 1 else "")
+                     + (f", each stage Megatron 1D tensor parallel over tp = {dims.tp} ranks"
+                        + (" with sequence parallel" if sp else "") if tp else "")),
         "pipeline_schedule": schedule,
         "pipeline_partition": [list(r) for r in partition],
         "pipeline_balance": knobs.pp_balance,
-        "pipeline_grid": {"pp": pp, "dp": dims.dp, "microbatches": m, "virtual_stages": v, "schedule": schedule},
+        "pipeline_grid": {"pp": pp, "dp": dims.dp, "tp": dims.tp, "microbatches": m, "virtual_stages": v,
+                          "schedule": schedule},
         "bubble_theory": bubble_fraction(pp, m, schedule, v),
         "bubble_definition": "pipeline idle ÷ busy: Σ_r (T − busy_r) ÷ Σ_r busy_r, T = stage 0's span (first "
                              "forward to last backward), busy = forward/backward compute without receive waits; "
@@ -120,6 +133,8 @@ def build_pipeline(knobs: Knobs, model: Decoder, dims: ParallelDims, device: tor
     calls = [0]
 
     def update() -> None:
+        if tp is not None:
+            tp.sync_sequence_parallel_grads()  # the norm weights' partial sums under SP (no-op without)
         if dp_group is not None:
             allreduce_mean_grads(params, dp_group)
         optimizer.step()
@@ -171,19 +186,6 @@ def _partition(knobs: Knobs, model: Decoder, dims: ParallelDims, n_stages: int, 
     return partition_layers(t["blocks"], n_stages, first_extra=t["embedding"], last_extra=t["head"]), t
 
 
-def _dp_group(dims: ParallelDims, pp_rank: int):
-    """The data-parallel group of this pipeline rank (ranks holding the same stages);
-    every rank creates every group, as ``new_group`` requires."""
-    if dims.dp == 1:
-        return None
-    mine = None
-    for r in range(dims.pp):
-        g = dist.new_group([d * dims.pp + r for d in range(dims.dp)])
-        if r == pp_rank:
-            mine = g
-    return mine
-
-
 def _summarise(history: list[dict]) -> dict:
     steady = history[1:] or history  # the first step pays one-off costs (allocations, gloo pairs)
     ratios = [(h["schedule_s"] - h["busy_s"]) / h["busy_s"] for h in steady if h["busy_s"] > 0]
@@ -231,8 +233,9 @@ def _aggregate(notes: dict, world: int) -> None:
     grid = notes["pipeline_grid"]
     if grid["schedule"] == "pipedream":  # no flush: stage 0 does not bound the step; per-rank figures only
         return
-    replicas = [_replica_bubble(by_rank, [str(d * grid["pp"] + i) for i in range(grid["pp"])], grid)
-                for d in range(grid["dp"])]
+    pp, tp = grid["pp"], grid.get("tp", 1)  # one pipeline per (dp, tp) coordinate (ParallelDims.coords)
+    replicas = [_replica_bubble(by_rank, [str((d * pp + i) * tp + k) for i in range(pp)], grid)
+                for d in range(grid["dp"]) for k in range(tp)]
     replicas = [r for r in replicas if r is not None]
     for i, key in enumerate(("bubble_measured", "bubble_stage_theory", "pipeline_busy_max_over_mean")):
         notes[key] = statistics.mean(r[i] for r in replicas) if replicas else None

@@ -37,8 +37,6 @@ def why_not_tensor_parallel(knobs: Knobs) -> str | None:
         from bench.adapters.inhouse_tp3d import why_not_tp3d
 
         return why_not_tp3d(knobs)
-    if knobs.pp > 1:
-        return "tensor_parallel_1d with pp > 1: the in-house TP and pipeline plans are not composed yet"
     if knobs.zero:
         return "tensor_parallel_1d with zero > 0: impl/zero.py shards over the world group, not a dp sub-group"
     if knobs.optimizer not in TP_OPTIMIZERS:
