@@ -90,6 +90,7 @@ def autotuner_config(base: dict[str, Any]) -> dict[str, Any]:
 
 def run_autotuner(workdir: Path, base: dict[str, Any], timeout_s: float) -> Path:
     """Runs ``deepspeed --autotuning tune`` in ``workdir``; its results folder."""
+    from bench.adapters.deepspeed_adapter import TORCH_EXTENSIONS_DIR
     from bench.launch import LocalTorchrun
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,7 @@ def run_autotuner(workdir: Path, base: dict[str, Any], timeout_s: float) -> Path
     env = {**os.environ, **LocalTorchrun.network_env(), "LOCAL_SIZE": str(base["world_size"]),
            "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "trainbench-torch-extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))
     cmd = [str(Path(bindir) / "deepspeed"), "--autotuning", "tune", "--num_gpus", str(base["world_size"]),
            str(Path(__file__).resolve()), "--deepspeed", "--deepspeed_config", "ds.json"]
     with open(workdir / "autotuner.log", "wb") as log:

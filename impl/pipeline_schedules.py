@@ -140,8 +140,8 @@ class PipelineRank:
     """One pipeline rank's chunks and the state a schedule runs on.
 
     ``micro_shape`` = (b/m, T): the hidden state crossing a stage boundary is
-    (b/m, T/seq_split, D) — ``seq_split`` = t under Megatron sequence parallel,
-    where each tensor-parallel rank holds T/t positions. ``loss_scale``
+    (b/m, T/seq_split, D) — the stages' ``seq_split`` = t under Megatron sequence
+    parallel, where each tensor-parallel rank holds T/t positions. ``loss_scale``
     multiplies each micro-batch's loss before backward (1/m for the synchronous
     schedules: one step = a full-batch step of the mean loss). ``loss_fn`` maps
     the last stage's output and the targets to the mean loss (the
@@ -149,10 +149,10 @@ class PipelineRank:
     runs forwards on weight snapshots (PipeDream)."""
 
     def __init__(self, chunks: list[PipelineStage], p2p: P2P, *, dim: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", stash_weights: bool = False, seq_split: int = 1,
+                 device: torch.device | str = "cpu", stash_weights: bool = False,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss) -> None:
         self.chunks, self.p2p, self.dim, self.dtype = chunks, p2p, dim, dtype
-        self.seq_split, self.loss_fn = seq_split, loss_fn
+        self.loss_fn = loss_fn
         self.device = torch.device(device)
         self.stash_weights = stash_weights
         self.in_flight: dict[tuple[int, int], tuple] = {}  # persists across steps (PipeDream)
@@ -167,7 +167,7 @@ class PipelineRank:
             x = tokens
         else:
             b, T = micro_shape(self)
-            shape = (b, T // self.seq_split, self.dim)
+            shape = (b, T // chunk.seq_split, self.dim)
             x = self.p2p.recv(shape, self.dtype, self.device, kind=ACTIVATION, from_stage=chunk.stage - 1,
                               to_stage=chunk.stage, micro=micro).requires_grad_()
         start = time.perf_counter()

@@ -62,6 +62,8 @@ from torch import nn
 
 from impl.model import Decoder, RMSNorm
 from impl.parallel_dims import ParallelDims
+from impl.tp_comm import all_gather_along as _all_gather
+from impl.tp_comm import reduce_scatter_along as _reduce_scatter
 from impl.tp_comm import vocab_parallel_cross_entropy
 
 
@@ -124,26 +126,6 @@ def new_grid(dims: ParallelDims, *, depth: int = 1) -> Grid:
     dp_group = groups(lambda p: (p[1], p[2], p[3]), lambda p: p[0]) if dims.dp > 1 else None
     return Grid(q=q, depth=depth, i=me[2], j=me[3], k=me[1], row=row, col=col, depth_group=depth_group,
                 dp_group=dp_group)
-
-
-# ---- collectives along any dim ----
-
-def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Concatenate the group's pieces along ``dim`` in group-rank order."""
-    n = dist.get_world_size(group)
-    local = x.movedim(dim, 0).contiguous()
-    out = torch.empty((n * local.shape[0], *local.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, local, group=group)
-    return out.movedim(0, dim)
-
-
-def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Sum over the group, keep this rank's chunk along ``dim``."""
-    n = dist.get_world_size(group)
-    full = x.movedim(dim, 0).contiguous()
-    out = torch.empty((full.shape[0] // n, *full.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, full, group=group)
-    return out.movedim(0, dim)
 
 
 class _Summa(torch.autograd.Function):

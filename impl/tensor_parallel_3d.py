@@ -78,25 +78,20 @@ from torch import nn
 
 from impl.model import Decoder, RMSNorm
 from impl.parallel_dims import ParallelDims
-from impl.tp_comm import copy_to_tp, reduce_from_tp, vocab_parallel_cross_entropy
+from impl.tp_comm import (all_gather_along, copy_to_tp, reduce_from_tp, reduce_scatter_along,
+                           vocab_parallel_cross_entropy)
 
 
 # ---- collectives along dim 0 (sequences), the split dimension of every layout ----
 
 def _gather0(x: torch.Tensor, group) -> torch.Tensor:
     """(n0, ...) per rank → (q·n0, ...), group rank r's block at [r·n0, (r+1)·n0)."""
-    x = x.contiguous()
-    out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
-    return out
+    return all_gather_along(x, 0, group)
 
 
 def _reduce_scatter0(x: torch.Tensor, group) -> torch.Tensor:
     """(q·n0, ...) partial sums → group rank r's (n0, ...) block of the sum."""
-    x = x.contiguous()
-    out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x, group=group)
-    return out
+    return reduce_scatter_along(x, 0, group)
 
 
 class _GatherInput(torch.autograd.Function):

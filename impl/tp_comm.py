@@ -39,25 +39,36 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def all_gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate the group's pieces along ``dim`` in group-rank order
+    (all_gather_into_tensor concatenates along dim 0: ``dim`` is moved there and back)."""
+    n = dist.get_world_size(group)
+    local = x.movedim(dim, 0).contiguous()
+    out = torch.empty((n * local.shape[0], *local.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, local, group=group)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum over the group, keep this rank's chunk along ``dim``."""
+    n = dist.get_world_size(group)
+    full = x.movedim(dim, 0).contiguous()
+    out = torch.empty((full.shape[0] // n, *full.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, full, group=group)
+    return out.movedim(0, dim)
+
+
 def _gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     """(B, T/t, D) → (B, T, D), rank i's chunk at positions [i·T/t, (i+1)·T/t)."""
-    t = dist.get_world_size(group)
-    # all_gather_into_tensor concatenates along dim 0: gather (T/t, B, D) pieces.
-    local = x.movedim(SEQ_DIM, 0).contiguous()
-    out = torch.empty((t * local.shape[0], *local.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, local, group=group)
-    return out.movedim(0, SEQ_DIM)
+    return all_gather_along(x, SEQ_DIM, group)
 
 
 def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
     """(B, T, D) partial sums → this rank's (B, T/t, D) chunk of the sum."""
     t = dist.get_world_size(group)
-    full = x.movedim(SEQ_DIM, 0).contiguous()  # (T, B, D)
-    if full.shape[0] % t:
-        raise ValueError(f"sequence length {full.shape[0]} is not divisible by the tensor-parallel degree {t}")
-    out = torch.empty((full.shape[0] // t, *full.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, full, group=group)
-    return out.movedim(0, SEQ_DIM)
+    if x.shape[SEQ_DIM] % t:
+        raise ValueError(f"sequence length {x.shape[SEQ_DIM]} is not divisible by the tensor-parallel degree {t}")
+    return reduce_scatter_along(x, SEQ_DIM, group)
 
 
 class _CopyToTP(torch.autograd.Function):

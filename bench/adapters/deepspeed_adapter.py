@@ -28,6 +28,11 @@ from impl.model import Decoder, lm_loss, total_params
 from impl.parallel_dims import ParallelDims
 
 CUDA_ONLY = frozenset({"cuda"})
+# JIT-built ops (shm comm ~24 s, cpu_adam ~41 s) are cached across cells and runs,
+# per environment: two venvs sharing one cache rebuild each other's ops. Anything
+# that launches DeepSpeed ranks itself (bench/autotune_compare.py) must use it too:
+# a build killed in the default cache leaves a lock every later rank waits on.
+TORCH_EXTENSIONS_DIR = Path(sys.prefix) / "trainbench-torch-extensions"
 _NO_TP = "no DeepSpeed training TP for a plain nn.Module (AutoTP targets Hugging Face models)"
 
 
@@ -80,9 +85,7 @@ class DeepSpeedAdapter(Adapter):
     def build(self, knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
         if dims.tp > 1:
             raise Unsupported(f"tp = {dims.tp}: {_NO_TP}")
-        # JIT-built ops (shm comm ~24 s, cpu_adam ~41 s) are cached across cells and
-        # runs, per environment: two venvs sharing one cache rebuild each other's ops.
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "trainbench-torch-extensions"))
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))
         import deepspeed
 
         from bench.adapters import deepspeed_comms, deepspeed_pipeline

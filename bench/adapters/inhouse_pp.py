@@ -94,7 +94,7 @@ def build_pipeline(knobs: Knobs, model: Decoder, dims: ParallelDims, device: tor
     chunks = build_stages(model, pp_rank, pp, v, partition=partition, seq_split=dims.tp if sp else 1)
     p2p = P2P(groups.pp_ranks)
     pipe = PipelineRank(chunks, p2p, dim=model.cfg.dim, device=device, stash_weights=schedule == "pipedream",
-                        seq_split=dims.tp if sp else 1, loss_fn=tp.loss if tp else lm_loss)
+                        loss_fn=tp.loss if tp else lm_loss)
     params = [p for c in chunks for p in c.parameters()]
     names = [n for c in chunks for n in c.model_names]
     optimizer = make_optimizer(knobs.optimizer, zip(names, params), fused=False)

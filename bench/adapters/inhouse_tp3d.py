@@ -13,6 +13,7 @@ import torch
 
 from bench.adapters.base import TrainStep, Unsupported
 from bench.adapters.inhouse_optimizers import NOTES, make_optimizer
+from bench.adapters.inhouse_tp import TP_OPTIMIZERS
 from bench.knobs import Knobs
 from bench.meters.memory import default_state_tensors
 from bench.workload import Batch
@@ -20,8 +21,6 @@ from impl.model import Decoder
 from impl.parallel_dims import ParallelDims
 from impl.tensor_parallel_3d import apply_tensor_parallel_3d, new_cube
 
-# Element-wise updates only: a shard steps exactly as its slice of the whole tensor.
-TP3D_OPTIMIZERS = ("adamw", "sgd")
 
 
 def why_not_tp3d(knobs: Knobs) -> str | None:
@@ -36,9 +35,9 @@ def why_not_tp3d(knobs: Knobs) -> str | None:
     if knobs.sequence_parallel != "none":
         return (f"tensor_parallel_3d with sequence_parallel = {knobs.sequence_parallel}: 3D TP already splits "
                 "the sequences over q² ranks; Megatron/ring SP are 1D plans")
-    if knobs.optimizer not in TP3D_OPTIMIZERS:
+    if knobs.optimizer not in TP_OPTIMIZERS:
         return (f"optimizer_{knobs.optimizer} with tp_mode 3d: its update is not element-wise, so on a weight "
-                f"shard it differs from the unsharded update; 3D TP runs {', '.join(TP3D_OPTIMIZERS)}")
+                f"shard it differs from the unsharded update; 3D TP runs {', '.join(TP_OPTIMIZERS)}")
     if knobs.precision != "fp32":
         return f"precision_{knobs.precision} with tp_mode 3d: no master-weight path wired (fp32 only)"
     if knobs.fusion != "none":
