@@ -138,12 +138,14 @@ def read_results(results_dir: Path) -> tuple[list[Experiment], Experiment]:
     return exps, chosen
 
 
-def planner_ranking(base: dict[str, Any], profile: Any) -> list[Any]:
+def planner_ranking(base: dict[str, Any], profile: Any, profile_path: Path | None = None) -> list[Any]:
     """The planner's feasible plans in the comparable space, best first."""
     from bench import adapters
+    from bench.plan import layer_profiler
     from impl.auto_parallel.search import search
 
-    return search(base, profile, memory_budget_bytes=None, why_not=adapters.why_not, space=space(base)).plans
+    return search(base, profile, memory_budget_bytes=None, why_not=adapters.why_not, space=space(base),
+                  prepare=layer_profiler(profile, profile_path)).plans
 
 
 def measure(workdir: Path, base: dict[str, Any], choices: dict[str, dict[str, int]], steps: int) -> dict[str, dict]:
@@ -172,7 +174,7 @@ def compare(workdir: Path, base: dict[str, Any], *, steps: int = 8, timeout_s: f
     from bench.plan import load_profile
 
     exps, chosen = read_results(run_autotuner(workdir / "autotuner", base, timeout_s))
-    plans = {(p.knobs.zero, p.knobs.microbatches): p for p in planner_ranking(base, load_profile("cpu"))}
+    plans = {(p.knobs.zero, p.knobs.microbatches): p for p in planner_ranking(base, *load_profile("cpu"))}
     top1 = next(iter(plans.values()))
     choices = {"planner": {"zero": top1.knobs.zero, "microbatches": top1.knobs.microbatches},
                "autotuner": {"zero": chosen.zero, "microbatches": chosen.microbatches}}

@@ -23,24 +23,47 @@ ADAPTER_ORDER = ("inhouse", "torch", "deepspeed", "colossalai")
 DEFAULT_GPU = "H100 SXM"
 
 
-def load_profile(device: str, path: str | None = None, gpu_type: str | None = None, *, echo=None) -> Any:
-    """The machine profile: ``path`` if given; on CPU this host's calibrated
-    profile (results/machine_profiles/<host>.json, calibrated now when absent,
-    ~10–60 s); on GPU a calibrated profile if ``path`` names one, else the
-    peak-table default with the documented α–β."""
+def load_profile(device: str, path: str | None = None, gpu_type: str | None = None, *, echo=None
+                 ) -> tuple[Any, Path | None]:
+    """The machine profile and the file it is kept in: ``path`` if given; on CPU
+    this host's calibrated profile (results/machine_profiles/<host>.json,
+    calibrated now when absent or of an older version, ~10–60 s); on GPU a
+    calibrated profile if ``path`` names one, else the peak-table default with
+    the documented α–β (no file)."""
     from impl.auto_parallel.calibrate import calibrate, default_profile_path
-    from impl.auto_parallel.profile import MachineProfile, default_gpu_profile
+    from impl.auto_parallel.profile import PROFILE_VERSION, MachineProfile, default_gpu_profile
 
     if path:
-        return MachineProfile.load(path)
+        return MachineProfile.load(path), Path(path)
     if device == "cpu":
         default = default_profile_path()
-        if default.exists():
-            return MachineProfile.load(default)
+        if default.exists() and MachineProfile.stored_version(default) == PROFILE_VERSION:
+            return MachineProfile.load(default), default
         if echo:
-            echo(f"no machine profile at {default}: calibrating this machine (about 10–60 s)")
-        return calibrate(default)
-    return default_gpu_profile(gpu_type or _visible_gpu() or DEFAULT_GPU)
+            echo(f"no current machine profile at {default}: calibrating this machine (about 10–60 s)")
+        return calibrate(default), default
+    return default_gpu_profile(gpu_type or _visible_gpu() or DEFAULT_GPU), None
+
+
+def layer_profiler(profile: Any, save_to: Path | None, *, echo=None):
+    """The search's ``prepare`` for a CPU profile: time the model's pieces at
+    every (tp, micro-batch) shape the feasible plans run that the profile lacks
+    (``impl.auto_parallel.layer_profile``; one torchrun, saved with the profile,
+    so each shape is measured once per machine)."""
+    from impl.auto_parallel.layer_profile import ensure_layer_profile
+
+    def prepare(plans: list[Any]) -> None:
+        groups: dict[tuple, set[tuple[int, int]]] = {}
+        for k in plans:
+            key = (k.model, k.seq_len, k.world_size, k.optimizer)
+            groups.setdefault(key, set()).add((k.tp, k.batch_size // (k.dp * k.microbatches)))
+        for (model, seq_len, ranks, optimizer), shapes in groups.items():
+            if echo and profile.device == "cpu":
+                echo(f"layer profile: {model} seq {seq_len} at {ranks} ranks, up to {len(shapes)} shapes")
+            ensure_layer_profile(profile, model=model, seq_len=seq_len, ranks=ranks, shapes=shapes,
+                                 optimizer=optimizer, save_to=save_to)
+
+    return prepare
 
 
 def _visible_gpu() -> str | None:
@@ -85,16 +108,40 @@ def attach(knobs: Any, run: Any) -> tuple[Any, dict[str, Any] | None]:
     from impl.auto_parallel.cost_model import estimate
     from impl.auto_parallel.search import Plan, search
 
-    profile = load_profile(knobs.device, getattr(run, "machine_profile", None))
+    profile, path = load_profile(knobs.device, getattr(run, "machine_profile", None))
+    prepare = layer_profiler(profile, path)
     if knobs.strategy != "auto":
+        # every shape of this cell's search space at once: the suite's other
+        # predicted cells (the rest of a plan matrix) then find theirs measured
+        prepare(search_space_knobs(knobs))
         return knobs, plan_record(Plan(knobs, estimate(knobs, profile)), profile, 1, 1)
     budget = available_bytes(run, knobs.device)
-    result = search(knobs.resolved(), profile, memory_budget_bytes=budget, why_not=adapters.why_not)
+    result = search(knobs.resolved(), profile, memory_budget_bytes=budget, why_not=adapters.why_not,
+                    prepare=prepare)
     if not result.plans:
         why = "; ".join(f"{n}× {r} (e.g. {result.examples[r]})" for r, n in result.pruned.most_common(3))
         raise ValueError(f"strategy = 'auto': none of {result.considered} plans is feasible: {why}")
     best = result.plans[0]
     return best.knobs, plan_record(best, profile, result.considered, len(result.plans))
+
+
+def search_space_knobs(knobs: Any) -> list[Any]:
+    """This cell and the valid knobs of every plan the search would consider for its
+    model, world size, batch and sequence (for measuring their layer shapes)."""
+    from pydantic import ValidationError
+
+    from bench.knobs import Knobs
+    from impl.auto_parallel.search import candidates
+    from impl.model_config import PRESETS
+
+    out = [knobs]
+    for overlay in candidates(knobs.resolved(), PRESETS[knobs.model], space={"zero": [0], "offload": ["none"],
+                                                                           "checkpointing": ["none"]}):
+        try:
+            out.append(Knobs.model_validate(overlay))
+        except ValidationError:
+            continue
+    return out
 
 
 def emit_suite(path: str | Path, plans: list[Any], base: dict[str, Any], *, profile_path: str | None,
@@ -142,14 +189,15 @@ def cmd_plan(args, console) -> int:
             "adapter": args.adapter}
     try:
         Knobs.model_validate({k: v for k, v in base.items() if k != "adapter"} | {"adapter": args.adapter or "inhouse"})
-        profile = load_profile(device, args.profile, args.gpu_type, echo=console.print)
+        profile, profile_path = load_profile(device, args.profile, args.gpu_type, echo=console.print)
     except ValueError as exc:
         console.print(f"error: {exc}")
         return 2
     budget = args.gpu_mem_gib * 2**30 if args.gpu_mem_gib else None
     search_base = {k: v for k, v in base.items() if k != "adapter"} | {"adapter": args.adapter or "inhouse"}
     result = search(search_base, profile, memory_budget_bytes=budget, why_not=_why_not_any(args.adapter),
-                    max_microbatches=args.max_microbatches)
+                    max_microbatches=args.max_microbatches,
+                    prepare=layer_profiler(profile, profile_path, echo=console.print))
     console.print(f"profile: {profile.source}", soft_wrap=True)
     console.print(f"{result.considered} plans considered, {len(result.plans)} feasible"
                   f"{f' under {args.gpu_mem_gib:g} GiB per device' if budget else ''}; pruned:", soft_wrap=True)
@@ -162,7 +210,7 @@ def cmd_plan(args, console) -> int:
     top = result.plans[:args.top]
     for i, p in enumerate(top, 1):
         e = p.estimate
-        table.add_row(str(i), p.label(), f"{e.step_time_s:.3g}", f"{e.compute_s + e.memory_bound_s:.3g}",
+        table.add_row(str(i), p.label(), f"{e.step_time_s:.3g}", f"{e.compute_s:.3g}",
                       f"{e.bubble_s:.3g}", f"{e.exposed_comm_s:.3g}", f"{e.optimizer_s:.3g}",
                       f"{e.memory_bytes / 2**30:.2f}", args.adapter or first_adapter(p.knobs) or "—")
     console.print(table)

@@ -26,7 +26,7 @@ from bench.knobs import Knobs
 from bench.plan import validation
 from bench.theory import activation_bytes_per_layer, model_state_bytes
 from impl.auto_parallel.calibrate import calibrate, fit_alpha_beta
-from impl.auto_parallel.cost_model import estimate
+from impl.auto_parallel.cost_model import estimate, stage_times
 from impl.auto_parallel.profile import MachineProfile, default_gpu_profile
 from impl.auto_parallel.search import search
 from impl.model_config import PRESETS, total_params
@@ -123,10 +123,11 @@ def test_predicted_peak_memory(measured) -> None:
 
 @pytest.mark.calibration
 def test_strategy_auto_runs_the_planners_best_plan(measured) -> None:
-    profile, _, _, auto, _, _ = measured
+    _, _, _, auto, _, tmp = measured
     (rec,) = auto
     assert rec["status"] == "ok", rec["reason"]
     plan = rec["notes"]["plan"]
+    profile = MachineProfile.load(tmp / "profile.json")  # with the layer profile the suite measured into it
     best = search({**BASE, "strategy": "auto"}, profile, memory_budget_bytes=None, why_not=_why_not).plans[0]
     assert plan["choice"] == best.choice() and plan["considered"] > plan["feasible"] > 8
     assert {k: rec["config"][k] for k in plan["choice"]} == plan["choice"]  # the cell ran the chosen knobs
@@ -153,7 +154,12 @@ def test_strategy_auto_cell_runs_the_best_plan_of_its_profile(tmp_path) -> None:
     (rec,) = records(tmp_path / "r", "auto-one")
     assert rec["status"] == "ok", rec["reason"]
     plan = rec["notes"]["plan"]
-    best = search({**base, "strategy": "auto"}, _toy_profile(), memory_budget_bytes=None, why_not=_why_not).plans[0]
+    # the planner measured the feasible plans' layer shapes into the profile first
+    profile = MachineProfile.load(tmp_path / "p.json")
+    assert profile.layer("tiny", 32, 2, 1, 4) is not None and profile.layer("tiny", 32, 2, 2, 8) is not None
+    assert profile.optimizer_rate("adamw", "tiny", 2, "flat") > 0
+    best = search({**base, "strategy": "auto"}, profile, memory_budget_bytes=None, why_not=_why_not).plans[0]
+    assert best.estimate.notes == ["compute: layer profile"]
     assert plan["choice"] == best.choice() and plan["considered"] >= plan["feasible"] > 1
     assert {k: rec["config"][k] for k in plan["choice"]} == plan["choice"]
     assert "strategy_auto" in rec["techniques"]
@@ -187,9 +193,17 @@ def test_cost_model_components_follow_the_theory() -> None:
     p = _toy_profile()
     k = lambda **kw: Knobs(**{**BASE, **kw})  # noqa: E731
     dp, pp1, pp4 = estimate(k(), p), estimate(k(pp=2), p), estimate(k(pp=2, microbatches=4), p)
-    # bubble = (p−1)/m of the ideal time: one micro-batch's stage time × (p−1)
-    assert pp1.bubble_s == pytest.approx(pp1.compute_s + pp1.memory_bound_s)
-    assert pp4.bubble_s / (pp4.compute_s + pp4.memory_bound_s) == pytest.approx(1 / 4)
+    # a pipeline takes Σ t_r + (m − 1)·max t_r over its ranks' stage times: with one
+    # micro-batch, compute + bubble is the whole model's time for that micro-batch
+    cfg = PRESETS["small"]
+    whole, _, _ = stage_times(k(world_size=1, batch_size=8), cfg, p)
+    assert pp1.compute_s + pp1.bubble_s == pytest.approx(whole[0])
+    per_rank, _, _ = stage_times(k(pp=2, microbatches=4), cfg, p)
+    assert pp4.compute_s == pytest.approx(4 * max(per_rank))
+    assert pp4.bubble_s == pytest.approx(sum(per_rank) - max(per_rank))
+    # stages are cut by parameters (impl.pipeline.partition_layers): the head's
+    # compute exceeds its parameter share, so the last stage is the busiest
+    assert per_rank[1] > per_rank[0]
     # full recompute adds one forward: between 1/4 and 1/3 more matmul time
     ck = estimate(k(checkpointing="full"), p)
     assert 1.2 < ck.compute_s / dp.compute_s <= 4 / 3 + 1e-9

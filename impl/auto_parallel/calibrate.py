@@ -29,7 +29,8 @@ from impl.auto_parallel.profile import MachineProfile
 
 MATMUL_ROWS = (64, 256, 1024, 4096)
 MATMUL_WIDTHS = (64, 256, 1024)
-COMM_SIZES_BYTES = (2**12, 2**18, 2**22)
+COMM_SIZES_BYTES = (2**12, 2**16, 2**19, 2**21, 2**22)
+COMM_ROUNDS = 3
 COMM_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
 
 
@@ -93,17 +94,108 @@ def op_overhead(n_ops: int = 64) -> float:
 
 
 def fit_alpha_beta(points: list[tuple[float, float]]) -> dict[str, float]:
-    """Least squares of t = α + x/β over (bus_bytes, seconds) points; α ≥ 0."""
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    """Least squares of t = α + x/β over (bus_bytes, seconds) points, each
+    residual relative to its t (weights 1/t²), so the latency-bound small
+    sizes fix α as firmly as the large ones fix β; α ≥ 0."""
+    w = [1 / (y * y) for _, y in points]
+    sw = sum(w)
+    mx = sum(wi * x for wi, (x, _) in zip(w, points)) / sw
+    my = sum(wi * y for wi, (_, y) in zip(w, points)) / sw
+    sxx = sum(wi * (x - mx) ** 2 for wi, (x, _) in zip(w, points))
+    slope = sum(wi * (x - mx) * (y - my) for wi, (x, y) in zip(w, points)) / sxx
     slope = max(slope, 1e-15)
     alpha = my - slope * mx
     if alpha < 0:  # refit through the origin
-        alpha, slope = 0.0, sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+        alpha = 0.0
+        slope = sum(wi * x * y for wi, (x, y) in zip(w, points)) / sum(wi * x * x for wi, (x, _) in zip(w, points))
     return {"alpha_s": alpha, "beta_bytes_per_s": 1 / slope}
+
+
+def overlap_fraction(*, comm_bytes: int = 2**25, repeats: int = 7) -> float:
+    """Under a process group: the share of an asynchronous all-reduce that hides
+    behind compute started beside it, (t_compute + t_comm − t_both) ÷ min(t_compute, t_comm),
+    clamped to [0, 1], median of ``repeats`` (one try varies ±0.5 on 2 shared
+    cores). On a GPU the collective runs on its own stream and SMs; on a CPU
+    gloo's copies and sums need the cores the compute threads hold, so part of
+    it adds to the step (DDP/ZeRO's bucket overlap): 0.3–0.4 measured here."""
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    buf = torch.zeros(comm_bytes // 4)
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+
+    def comm() -> None:
+        dist.all_reduce(buf, async_op=True).wait()
+
+    def timed(fn) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        dist.barrier()
+        return time.perf_counter() - start
+
+    comm()
+    t_comm = statistics.median(timed(comm) for _ in range(3))
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    reps = max(1, round(10 * t_comm / (time.perf_counter() - start)))  # compute about as long as the collective
+
+    def compute() -> None:
+        for _ in range(reps):
+            a @ b
+
+    def both() -> None:
+        work = dist.all_reduce(buf, async_op=True)
+        compute()
+        work.wait()
+
+    fractions = []
+    for _ in range(repeats):
+        tc, ta, tb = timed(compute), timed(comm), timed(both)
+        fractions.append((tc + ta - tb) / min(tc, ta))
+    return min(1.0, max(0.0, statistics.median(fractions)))
+
+
+def blocking_extra(*, comm_bytes: int = 2**18, calls: int = 20, repeats: int = 11) -> float:
+    """Under a process group: seconds a blocking all-reduce costs beyond its
+    α–β time when it sits between compute, as TP's and a pipeline's collectives
+    do: (t(compute; all-reduce) − t(compute) − t(all-reduce)) per call, median of
+    ``repeats``. Ranks reach each call at slightly different times (their compute
+    jitters), and the earlier one waits: about 1 ms per call on 2 shared CPU
+    cores, where an idle-ranks α–β misses it."""
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    buf = torch.zeros(comm_bytes // 4)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+    def compute() -> None:
+        for _ in range(8):
+            a @ b
+
+    def loop(fn) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        dist.barrier()
+        return time.perf_counter() - start
+
+    def both() -> None:
+        compute()
+        dist.all_reduce(buf)
+
+    loop(both)
+    extras = []
+    for _ in range(repeats):
+        tc, ta, tb = loop(compute), loop(lambda: dist.all_reduce(buf)), loop(both)
+        extras.append((tb - tc - ta) / calls)
+    return max(0.0, statistics.median(extras))
 
 
 def _comm_worker(out_path: str) -> None:
@@ -134,26 +226,33 @@ def _comm_worker(out_path: str) -> None:
 
         ops["p2p"] = (p2p, float(size))
         for kind, (fn, bus) in ops.items():
-            dist.barrier()
-            reps = 3 if size >= 2**22 else 10
+            reps = 4 if size >= 2**21 else 10
             fn()
-            dist.barrier()
-            start = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            dist.barrier()
-            points[kind].append((bus, (time.perf_counter() - start) / reps))
+            rounds = []
+            for _ in range(COMM_ROUNDS):  # median of rounds: a neighbour's burst spoils one, not the fit
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                dist.barrier()
+                rounds.append((time.perf_counter() - start) / reps)
+            points[kind].append((bus, sorted(rounds)[len(rounds) // 2]))
+    overlap, extra = overlap_fraction(), blocking_extra()
     if rank == 0:
-        Path(out_path).write_text(json.dumps({"group_size": n, "points": points, "matmul": grid}))
+        Path(out_path).write_text(json.dumps({"group_size": n, "points": points, "matmul": grid,
+                                              "overlap": overlap, "blocking_extra_s": extra}))
     dist.destroy_process_group()
 
 
 def calibrate_ranks(group_sizes: tuple[int, ...] = (2,), timeout_s: float = 120
-                    ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Under torchrun at each group size: the collectives' α–β fits and the
-    concurrent matmul grid (rank 0's view)."""
+                    ) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, float], dict[str, float]]:
+    """Under torchrun at each group size: the collectives' α–β fits, the
+    concurrent matmul grid (rank 0's view), the overlap fraction and the
+    blocking-collective extra (keyed by group size)."""
     out: dict[str, dict[str, float]] = {}
     matmul: dict[str, float] = {}
+    overlap: dict[str, float] = {}
+    extra: dict[str, float] = {}
     for n in group_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "comm.json"
@@ -165,9 +264,11 @@ def calibrate_ranks(group_sizes: tuple[int, ...] = (2,), timeout_s: float = 120
                 raise RuntimeError(f"collective calibration at {n} ranks failed:\n{proc.stderr[-2000:]}")
             data = json.loads(path.read_text())
         matmul.update(data["matmul"])
+        overlap[str(n)] = data["overlap"]
+        extra[str(n)] = data["blocking_extra_s"]
         for kind, pts in data["points"].items():
             out[f"{kind}:{n}"] = {**fit_alpha_beta(pts), "points": pts}
-    return out, matmul
+    return out, matmul, overlap, extra
 
 
 def calibrate(out_path: str | Path | None = None, *, group_sizes: tuple[int, ...] = (2,)) -> MachineProfile:
@@ -175,12 +276,12 @@ def calibrate(out_path: str | Path | None = None, *, group_sizes: tuple[int, ...
     cores = os.cpu_count() or 1
     start = time.perf_counter()
     grid = matmul_grid(cores, ranks=1)
-    comm, concurrent = calibrate_ranks(group_sizes)
+    comm, concurrent, overlap, extra = calibrate_ranks(group_sizes)
     grid.update(concurrent)
     profile = MachineProfile(
         host=socket.gethostname(), device="cpu", cores=cores, matmul_flops=grid,
         mem_bandwidth_bytes_per_s=memory_bandwidth(), host_bandwidth_bytes_per_s=memory_bandwidth(),
-        op_overhead_s=op_overhead(), comm={k: {"alpha_s": v["alpha_s"], "beta_bytes_per_s": v["beta_bytes_per_s"]}
+        op_overhead_s=op_overhead(), overlap=overlap, blocking_extra_s=extra, comm={k: {"alpha_s": v["alpha_s"], "beta_bytes_per_s": v["beta_bytes_per_s"]}
                                            for k, v in comm.items()},
         source=(f"measured on {socket.gethostname()} ({cores} cores): fp32 matmul grid in 1 process and "
                 f"in {', '.join(map(str, group_sizes))} concurrent ranks, gloo collectives at {', '.join(map(str, group_sizes))} ranks "

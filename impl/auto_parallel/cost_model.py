@@ -1,27 +1,29 @@
 """Analytical step time and memory of one configuration on a calibrated machine.
 
-Step time per rank (no overlap of communication with compute is assumed — on
-CPU/gloo there is little; the GPU default profile is therefore pessimistic):
+Step time per rank:
 
-* compute: the matmul FLOPs of the rank's share of the model (forward 2·rows·in·out
-  per linear, backward twice that; the attention core 4·b·s²·H·d_head/t forward,
-  PaLM App. B) ÷ the profile's measured throughput *at that matmul's shape*
-  (rows = tokens of one micro-batch, width = √(in·out) after the TP split), so
-  smaller micro-batches and TP shards run slower per FLOP, as they do; full
-  recompute adds one forward of every block, selective the core's forward
-  (Chen et al. 2016; Korthikanti et al. 2022 §5);
-* memory-bound work: the block's saved activations (``theory.activation_values_per_layer``)
-  written and read ``ELEMENTWISE_PASSES`` times ÷ the streaming bandwidth, plus
-  ``OPS_PER_LAYER`` framework op overheads per block and micro-batch;
-* pipeline: the stage's per-micro-batch time × (m + p − 1) (GPipe / 1F1B; bubble
-  (p−1)/m of ideal time, Narayanan et al. 2021 §2.2; interleaved (p−1)/(v·m));
+* compute, per micro-batch and piece (block, embedding, norm + head + loss):
+  measured when the profile holds a layer profile of this model at this shape
+  (``layer_profile``: the pieces timed on this machine in as many concurrent
+  ranks, TP-local shapes, as Galvatron profiles layers); otherwise the matmul
+  FLOPs (forward 2·rows·in·out per linear, backward twice that; the attention
+  core 4·b·s²·H·d_head/t forward, PaLM App. B) ÷ the probe's throughput *at
+  that matmul's shape*, plus the block's saved activations streamed
+  ``ELEMENTWISE_PASSES`` times and ``OPS_PER_LAYER`` op overheads. Full
+  recompute adds one block forward, selective the core's (Chen et al. 2016;
+  Korthikanti et al. 2022 §5);
+* pipeline: blocks cut into stages as ``impl.pipeline.partition_layers`` cuts
+  them for the cell; Σ t_r + (m − 1)·max t_r over the ranks' stage times
+  (balanced: bubble (p−1)/m of ideal, Narayanan et al. 2021 §2.2; interleaved ÷ v);
 * communication: per collective kind, t = calls·α + bus_bytes/β with the
   profile's α–β for that kind and group size; volumes from ``bench.theory``
   (DP/ZeRO 2Ψ or 3Ψ(N−1)/N, TP (4L+2)·b·s·h all-reduces, pipeline p2p);
-  DP/ZeRO traffic overlaps the backward (async buckets/units), TP and p2p do not;
-* optimizer: the shard's state streamed once (Adam fp32: read p, g, m, v, write
-  p, m, v = 28 B/param) ÷ bandwidth; offload adds the gradient shard down and the
-  parameter shard up over the host link.
+  DP/ZeRO traffic hides behind the backward as far as the machine overlaps
+  (``MachineProfile.overlap``, measured), TP and p2p do not;
+* optimizer: the shard × the step's measured seconds per parameter for that
+  optimizer and layout (ZeRO's flat buffers or the model's tensors), else its
+  state streamed once (Adam fp32: 28 B/param) ÷ bandwidth; offload adds the
+  gradient shard down and the parameter shard up over the host link.
 
 Memory per device (``memory``): the larger of the end of forward — model state from
 ``bench.fit`` less the gradients not made yet, this decoder's activations
@@ -91,26 +93,65 @@ def _forward_matmul_s(profile: MachineProfile, ranks: int, rows: int, pairs: lis
     return sum(2 * rows * i * o / profile.throughput(ranks, rows, math.sqrt(i * o)) for i, o in pairs)
 
 
-def compute_times(knobs: Any, cfg: Any, profile: MachineProfile) -> tuple[float, float]:
-    """(matmul seconds, memory-bound seconds) of one micro-batch on the busiest
-    stage of one rank, forward + backward (+ recompute)."""
-    tp, pp, m = knobs.tp, knobs.pp, knobs.microbatches
+def piece_times(knobs: Any, cfg: Any, profile: MachineProfile) -> tuple[float, float, float, float, str]:
+    """Seconds of one micro-batch's pieces on one rank, forward + backward (+ recompute):
+    (one block, the embedding, final norm + head + loss, the memory-bound share
+    of a block, source). From the layer profile when it holds this shape
+    (``layer_profile``: the pieces timed on this machine), else analytic: the
+    matmul FLOPs ÷ the probe's throughput at that matmul's shape, the saved
+    activations streamed ``ELEMENTWISE_PASSES`` times and ``OPS_PER_LAYER`` op
+    overheads; full recompute adds one forward, selective the core's."""
+    tp, m = knobs.tp, knobs.microbatches
     b = knobs.batch_size // (knobs.dp * m)
     s, ranks = knobs.seq_len, knobs.world_size  # ranks sharing the machine (GPU: ignored)
+    measured = profile.layer(knobs.model, s, ranks, tp, b)
+    if measured is not None:
+        redo = {"none": 0.0, "full": measured["block_fwd_s"], "selective": measured["core_fwd_s"]}[knobs.checkpointing]
+        block = measured["block_fwd_s"] + measured["block_bwd_s"] + redo
+        return block, measured["embed_s"], measured["head_s"], 0.0, "layer profile"
     rows = b * s
     layer_fwd = _forward_matmul_s(profile, ranks, rows, _layer_matmuls(cfg, tp))
     heads = cfg.n_heads // tp
     core_fwd = 4 * b * s * s * heads * cfg.head_dim / profile.throughput(ranks, s, cfg.head_dim)
     head_fwd = _forward_matmul_s(profile, ranks, rows, [(cfg.dim, cfg.vocab_size // tp)])
     recompute = {"none": 0.0, "full": layer_fwd + core_fwd, "selective": core_fwd}[knobs.checkpointing]
-    layers = cfg.n_layers / pp
-    # stages are balanced by parameter count (impl.pipeline), so a stage holds ~1/p of blocks + head
-    matmul = (cfg.n_layers * (3 * (layer_fwd + core_fwd) + recompute) + 3 * head_fwd) / pp
     values = activation_values_per_layer(cfg, s, b, "none") / tp
     redo = {"none": 0.0, "full": 1.0, "selective": 0.1}[knobs.checkpointing]
-    mem_bound = layers * (ELEMENTWISE_PASSES + redo) * values * 4 / profile.mem_bandwidth_bytes_per_s
-    overhead = layers * OPS_PER_LAYER * (1 + (knobs.checkpointing == "full")) * profile.op_overhead_s
-    return matmul, mem_bound + overhead
+    mem_bound = (ELEMENTWISE_PASSES + redo) * values * 4 / profile.mem_bandwidth_bytes_per_s
+    mem_bound += OPS_PER_LAYER * (1 + (knobs.checkpointing == "full")) * profile.op_overhead_s
+    return 3 * (layer_fwd + core_fwd) + recompute + mem_bound, 0.0, 3 * head_fwd, mem_bound, "FLOPs ÷ matmul probe"
+
+
+def stage_times(knobs: Any, cfg: Any, profile: MachineProfile) -> tuple[list[float], float, str]:
+    """Per pipeline rank, seconds of one micro-batch through its stages (forward +
+    backward); the memory-bound share of the busiest; the compute source. Blocks
+    are cut as ``impl.pipeline.partition_layers`` cuts them for the cell
+    (``pp_balance``: parameter counts, or these piece times), stage 0 holding the
+    embedding and the last stage the head and loss — a head that costs more
+    than its parameter share makes the last stage the busiest."""
+    block, embed, head, mem_bound, source = piece_times(knobs, cfg, profile)
+    pp = knobs.pp
+    if pp == 1:
+        return [cfg.n_layers * block + embed + head], cfg.n_layers * mem_bound, source
+    from impl.model_config import total_params
+    from impl.pipeline import partition_layers
+
+    v = knobs.virtual_stages if knobs.pp_schedule == "interleaved" else 1
+    if knobs.pp_balance == "time":
+        costs, first, last = [block] * cfg.n_layers, embed, head
+    else:
+        embedding = cfg.vocab_size * cfg.dim
+        per_block = (total_params(cfg) - 2 * embedding - cfg.dim) / cfg.n_layers
+        costs, first, last = [per_block] * cfg.n_layers, embedding, embedding + cfg.dim
+    chunks = partition_layers(costs, pp * v, first_extra=first, last_extra=last)
+    per_rank = [0.0] * pp
+    blocks_on = [0] * pp
+    for c, blocks in enumerate(chunks):  # loop placement: chunk c on pipeline rank c mod p
+        r = c % pp
+        per_rank[r] += len(blocks) * block + (embed if c == 0 else 0.0) + (head if c == len(chunks) - 1 else 0.0)
+        blocks_on[r] += len(blocks)
+    busiest = max(range(pp), key=per_rank.__getitem__)
+    return per_rank, blocks_on[busiest] * mem_bound, source
 
 
 def comm_times(knobs: Any, cfg: Any, profile: MachineProfile) -> tuple[dict[str, float], float]:
@@ -127,7 +168,9 @@ def comm_times(knobs: Any, cfg: Any, profile: MachineProfile) -> tuple[dict[str,
         if group < 2 or calls == 0:
             return
         key = f"{axis} {kind}"
-        out[key] = out.get(key, 0.0) + profile.alpha_beta(kind, group).time_s(bus, calls)
+        # TP's blocking collectives between compute also wait for the later rank
+        skew = calls * profile.blocking_extra(knobs.world_size) if axis == "tp" else 0.0
+        out[key] = out.get(key, 0.0) + profile.alpha_beta(kind, group).time_s(bus, calls) + skew
         bus_total += bus
 
     if dp > 1:
@@ -285,35 +328,71 @@ def memory(knobs: Any, cfg: Any) -> tuple[float, float, float, float]:
     return state, act, loss, transient
 
 
+def exposed_dp_comm(knobs: Any, cfg: Any, comm: dict[str, float], per_micro_s: float, overlap: float) -> float:
+    """Seconds of data-parallel communication left on the critical path.
+
+    What can hide, and behind what (impl.data_parallel, impl.zero): DDP's bucket
+    all-reduces and ZeRO-1's reduce-scatters are launched from gradient hooks in
+    the backward of the last micro-batch only (accumulation reduces once);
+    ZeRO-2/3 reduce-scatter (and ZeRO-3 re-gathers parameters) in every
+    micro-batch's backward; ZeRO-3's forward all-gathers are prefetched behind
+    the previous unit's forward. ZeRO-1/2's parameter all-gather after the
+    optimizer step has nothing to overlap. Within a window (backward ≈ 2/3 of
+    a micro-batch's compute, forward 1/3) the machine hides ``overlap`` of the
+    traffic (measured; 1 on a GPU), and the last bucket or unit always shows.
+    A pipeline all-reduces after its flush: nothing hides."""
+    ar = comm.get("dp all_reduce", 0.0)
+    rs = comm.get("dp reduce_scatter", 0.0)
+    ag = comm.get("dp all_gather", 0.0)
+    if not ar + rs + ag:
+        return 0.0
+    m = knobs.microbatches
+    psi_local = tp_local_params(cfg, knobs.tp) / knobs.pp
+    units = math.ceil(psi_local * PRECISION_BYTES[knobs.precision] / DDP_BUCKET_BYTES) if knobs.zero == 0 \
+        else cfg.n_layers + 2
+    backward, forward = 2 / 3 * per_micro_s, 1 / 3 * per_micro_s
+    if knobs.pp > 1:
+        overlap = 0.0
+
+    def shown(t: float, window: float) -> float:
+        return max(t - overlap * min(t, window), t / units) if t else 0.0
+
+    if knobs.zero == 0:
+        return shown(ar, backward)
+    if knobs.zero == 1:
+        return shown(rs, backward) + ag
+    if knobs.zero == 2:
+        return shown(rs, m * backward) + ag
+    return shown(rs + ag / 2, m * backward) + shown(ag / 2, m * forward)
+
+
 def estimate(knobs: Any, profile: MachineProfile) -> Estimate:
     """Predicted step time and peak memory of one resolved cell (``bench.knobs.Knobs``)."""
     from impl.model_config import PRESETS
 
     cfg = PRESETS[knobs.model]
     m, pp = knobs.microbatches, knobs.pp
-    matmul, mem_bound = compute_times(knobs, cfg, profile)
-    per_micro = matmul + mem_bound
-    if pp > 1:
-        v = knobs.virtual_stages if knobs.pp_schedule == "interleaved" else 1
-        bubble = per_micro * (pp - 1) / v
-    else:
-        bubble = 0.0
+    per_rank, mem_bound, source = stage_times(knobs, cfg, profile)
+    per_micro = max(per_rank)
+    # A pipeline of stage times t_r takes Σ t_r + (m − 1)·max t_r: the first
+    # micro-batch crosses every stage, the rest follow at the busiest one's pace;
+    # balanced, the bubble Σ t_r − max t_r = (p − 1)·t is (p−1)/m of the ideal
+    # m·t (Narayanan et al. 2021 §2.2); interleaving v chunks divides it by v.
+    v = knobs.virtual_stages if pp > 1 and knobs.pp_schedule == "interleaved" else 1
+    bubble = (sum(per_rank) - per_micro) / v
     comm, bus = comm_times(knobs, cfg, profile)
-    # DP/ZeRO collectives are asynchronous, launched as buckets/units become
-    # ready (impl.data_parallel, impl.zero), so they hide behind the backward
-    # (2/3 of the matmul time) except for the last bucket or unit's share; TP
-    # all-reduces and pipeline p2p sit on the critical path. A pipeline
-    # all-reduces after its flush: nothing to hide behind.
-    dp_comm = sum(t for k, t in comm.items() if k.startswith("dp "))
-    window = 2 / 3 * m * matmul if pp == 1 else 0.0
-    units = 1 if knobs.zero == 0 else cfg.n_layers + 2
-    exposed_dp = max(dp_comm - window, dp_comm / units) if dp_comm else 0.0
-    shard = tp_local_params(cfg, knobs.tp) / pp / (knobs.dp if knobs.zero else 1)
-    optimizer = shard * ADAM_STREAM_BYTES / profile.mem_bandwidth_bytes_per_s
+    exposed_dp = exposed_dp_comm(knobs, cfg, comm, per_micro, profile.overlap_fraction(knobs.world_size))
+    critical_comm = sum(t for k, t in comm.items() if not k.startswith("dp "))
+    psi_local = tp_local_params(cfg, knobs.tp) / pp
+    shard = psi_local / (knobs.dp if knobs.zero else 1)
+    rate = profile.optimizer_rate(knobs.optimizer, knobs.model, knobs.world_size, "flat" if knobs.zero else "tensors")
+    # the step's measured seconds per parameter for this optimizer and layout, else the state streamed once
+    optimizer = shard * (rate if rate is not None else ADAM_STREAM_BYTES / profile.mem_bandwidth_bytes_per_s)
     if knobs.offload != "none":
         optimizer += 2 * shard * 4 / profile.host_bandwidth_bytes_per_s
     state, act, loss, transient = memory(knobs, cfg)
-    step = m * per_micro + bubble + exposed_dp + sum(t for k, t in comm.items() if not k.startswith("dp ")) + optimizer
-    return Estimate(step_time_s=step, compute_s=m * matmul, memory_bound_s=m * mem_bound, bubble_s=bubble,
-                    comm_s=comm, exposed_comm_s=exposed_dp + sum(t for k, t in comm.items() if not k.startswith("dp ")), optimizer_s=optimizer, state_bytes=state, activation_bytes=act, loss_bytes=loss,
-                    transient_bytes=transient, comm_bus_bytes=bus)
+    step = m * per_micro + bubble + exposed_dp + critical_comm + optimizer
+    return Estimate(step_time_s=step, compute_s=m * per_micro, memory_bound_s=m * mem_bound, bubble_s=bubble,
+                    comm_s=comm, exposed_comm_s=exposed_dp + critical_comm, optimizer_s=optimizer,
+                    state_bytes=state, activation_bytes=act, loss_bytes=loss, transient_bytes=transient,
+                    comm_bus_bytes=bus, notes=[f"compute: {source}"])

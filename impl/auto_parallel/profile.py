@@ -12,7 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+"""2: per-layer compute and optimizer profiles (``layers``, ``optimizer_s_per_param``), overlap fraction."""
 
 # Default α–β for GPUs without a calibrated profile (not measured; labelled as
 # such in every plan): NVLink inside a node, InfiniBand/RoCE across nodes.
@@ -60,7 +61,39 @@ class MachineProfile:
     comm: dict[str, dict[str, float]] = field(default_factory=dict)
     """"kind:group_size" → {alpha_s, beta_bytes_per_s}; kinds all_reduce, all_gather, reduce_scatter, p2p."""
     gpus_per_node: int = DEFAULT_GPUS_PER_NODE
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``layer_profile.layer_key`` ("model:seq:ranks:tp:b") → seconds of one micro-batch's
+    pieces on one rank: block_fwd_s, block_bwd_s, core_fwd_s, embed_s, head_s (measured)."""
+    optimizer_s_per_param: dict[str, float] = field(default_factory=dict)
+    """``layer_profile.optimizer_key`` ("optimizer:model:ranks:layout") → step seconds per parameter."""
+    overlap: dict[str, float] = field(default_factory=dict)
+    """"ranks" → fraction of an asynchronous collective that hides behind compute
+    running at the same time (``calibrate.overlap_fraction``); absent: 1 (a GPU's
+    separate copy engines / SMs; not measured)."""
+    blocking_extra_s: dict[str, float] = field(default_factory=dict)
+    """"ranks" → seconds a blocking collective between compute costs beyond its α–β
+    (``calibrate.blocking_extra``: ranks arrive skewed); absent: 0 (not measured)."""
     version: int = PROFILE_VERSION
+
+    def layer(self, model: str, seq_len: int, ranks: int, tp: int, b: int) -> dict[str, float] | None:
+        from impl.auto_parallel.layer_profile import layer_key
+
+        return self.layers.get(layer_key(model, seq_len, ranks, tp, b))
+
+    def optimizer_rate(self, optimizer: str, model: str, ranks: int, layout: str) -> float | None:
+        from impl.auto_parallel.layer_profile import optimizer_key
+
+        return self.optimizer_s_per_param.get(optimizer_key(optimizer, model, ranks, layout))
+
+    def overlap_fraction(self, ranks: int) -> float:
+        if not self.overlap:
+            return 1.0
+        return self.overlap[min(self.overlap, key=lambda n: abs(int(n) - ranks))]
+
+    def blocking_extra(self, ranks: int) -> float:
+        if not self.blocking_extra_s:
+            return 0.0
+        return self.blocking_extra_s[min(self.blocking_extra_s, key=lambda n: abs(int(n) - ranks))]
 
     def alpha_beta(self, kind: str, group: int) -> AlphaBeta:
         """The fitted α–β for this kind and group size; an uncalibrated size takes
@@ -110,6 +143,10 @@ class MachineProfile:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
         return path
+
+    @staticmethod
+    def stored_version(path: str | Path) -> int | None:
+        return json.loads(Path(path).read_text()).get("version")
 
     @classmethod
     def load(cls, path: str | Path) -> "MachineProfile":

@@ -87,17 +87,23 @@ def candidates(base: dict[str, Any], cfg: Any, *, max_microbatches: int = 32,
 
 def search(base: dict[str, Any], profile: MachineProfile, *, memory_budget_bytes: float | None,
            why_not: Callable[[Any], str | None] | None = None, max_microbatches: int = 32,
-           space: dict[str, Iterable[Any]] | None = None) -> SearchResult:
+           space: dict[str, Iterable[Any]] | None = None,
+           prepare: Callable[[list[Any]], None] | None = None) -> SearchResult:
     """Every feasible plan for the base cell's model, world size, batch and
-    sequence, ranked. ``base`` is a knob mapping (dp/tp/pp/… in it are ignored)."""
+    sequence, ranked. ``base`` is a knob mapping (dp/tp/pp/… in it are ignored).
+    ``prepare`` sees the feasible plans' knobs before any is timed (the CPU
+    planner measures their layer shapes there: ``bench.plan.layer_profiler``);
+    memory, which decides feasibility, needs no measurement."""
     from pydantic import ValidationError
 
     from bench.knobs import Knobs
+    from impl.auto_parallel.cost_model import memory
     from impl.model_config import PRESETS
 
     cfg = PRESETS[base["model"]]
     base = {k: v for k, v in base.items() if k not in PLAN_KNOBS}
     result = SearchResult(plans=[])
+    feasible: list[Any] = []
 
     def prune(reason: str, overlay: dict[str, Any], message: str) -> None:
         result.pruned[reason] += 1
@@ -117,11 +123,14 @@ def search(base: dict[str, Any], profile: MachineProfile, *, memory_budget_bytes
         if why:
             prune(f"capability: {why.split(':')[0]}", overlay, why)
             continue
-        est = estimate(knobs, profile)
-        if memory_budget_bytes is not None and est.memory_bytes > memory_budget_bytes:
+        memory_bytes = sum(memory(knobs, cfg))
+        if memory_budget_bytes is not None and memory_bytes > memory_budget_bytes:
             prune("over the memory budget", overlay,
-                  f"predicted {est.memory_bytes / 2**30:.2f} GiB > {memory_budget_bytes / 2**30:.2f} GiB")
+                  f"predicted {memory_bytes / 2**30:.2f} GiB > {memory_budget_bytes / 2**30:.2f} GiB")
             continue
-        result.plans.append(Plan(knobs, est))
+        feasible.append(knobs)
+    if prepare is not None and feasible:
+        prepare(feasible)
+    result.plans = [Plan(knobs, estimate(knobs, profile)) for knobs in feasible]
     result.plans.sort(key=lambda p: (p.estimate.step_time_s, p.estimate.memory_bytes))
     return result

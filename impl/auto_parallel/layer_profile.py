@@ -1,0 +1,219 @@
+"""Per-layer compute profile of the decoder on this machine (Galvatron's layer
+profiling; Miao et al. 2022 §4): what the cost model's compute term reads
+instead of FLOPs ÷ a matmul probe when it is there.
+
+One tiny model on a CPU is dominated by what FLOPs do not count: autograd's
+per-op cost, element-wise kernels, the loss's softmax, a micro-batch's smaller
+matmuls. So the model's own pieces are timed, at the shapes a plan runs them,
+in as many concurrent processes as the plan has ranks on the machine (cores ÷
+ranks threads each, as training runs):
+
+* one ``impl.model.Block`` forward and backward on a (b, s, dim) micro-batch,
+  built with the local shapes of a Megatron TP rank (heads ÷ t, ffn ÷ t; the
+  norms replicated): the rank's compute without its all-reduces, which the
+  cost model adds from the α–β fits;
+* the attention core's forward alone (selective recompute re-runs it);
+* the embedding forward + backward, and final norm + head (vocab ÷ t) + loss;
+* the optimizer step per parameter, over the model's tensors (DDP / no DP
+  steps each parameter) and over flat per-unit buffers (ZeRO steps shards).
+
+Entries are keyed ``model:seq:ranks:tp:b`` in ``MachineProfile.layers`` and
+``optimizer:model:ranks:layout`` in ``MachineProfile.optimizer_s_per_param``;
+``ensure_layer_profile`` measures the missing ones (one torchrun, ~5–20 s on
+2 cores) and saves the profile. Each figure is the median over repeats of the
+mean over ranks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+PROFILED_OPTIMIZERS = ("adamw", "sgd")
+"""Optimizers timed directly (torch's, which the in-house adapter uses); others fall back to streaming bytes."""
+REPEATS = 5
+
+
+def layer_key(model: str, seq_len: int, ranks: int, tp: int, b: int) -> str:
+    return f"{model}:{seq_len}:{ranks}:{tp}:{b}"
+
+
+def optimizer_key(optimizer: str, model: str, ranks: int, layout: str) -> str:
+    return f"{optimizer}:{model}:{ranks}:{layout}"
+
+
+class LocalBlockConfig:
+    """What ``impl.model.Block`` reads from a config, for the block one Megatron
+    TP rank computes: the model's width and head width, heads and ffn columns ÷ t
+    (a ``ModelConfig`` with fewer heads would widen each head instead)."""
+
+    def __init__(self, cfg: Any, tp: int) -> None:
+        self.dim, self.head_dim, self.norm_eps = cfg.dim, cfg.head_dim, cfg.norm_eps
+        self.n_heads, self.n_kv_heads, self.ffn_dim = cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.ffn_dim // tp
+
+
+def _median_time(fn, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_pieces(cfg: Any, seq_len: int, tp: int, b: int, repeats: int = REPEATS) -> dict[str, float]:
+    """Seconds of each piece of one micro-batch of ``b`` sequences on one TP rank."""
+    import torch
+
+    from impl.model import Block, lm_loss, rope_tables
+
+    local = LocalBlockConfig(cfg, tp)
+    torch.manual_seed(0)
+    block = Block(local)
+    cos, sin = rope_tables(cfg.head_dim, seq_len, cfg.rope_theta)
+    x = torch.randn(b, seq_len, cfg.dim, requires_grad=True)
+    grad = torch.randn(b, seq_len, cfg.dim)
+    out: dict[str, float] = {}
+
+    def forward() -> torch.Tensor:
+        return block(x, cos, sin)
+
+    out["block_fwd_s"] = _median_time(forward, repeats)
+    holder: dict[str, torch.Tensor] = {}
+
+    def backward() -> None:  # the forward is outside the clock: one graph per call
+        holder["y"].backward(grad)
+
+    times = []
+    for i in range(repeats + 1):
+        holder["y"] = forward()
+        start = time.perf_counter()
+        backward()
+        if i:
+            times.append(time.perf_counter() - start)
+    out["block_bwd_s"] = statistics.median(times)
+    q = torch.randn(b, local.n_heads, seq_len, cfg.head_dim, requires_grad=True)
+    out["core_fwd_s"] = _median_time(lambda: block.attention.core(q, q, q), repeats)
+
+    emb = torch.nn.Embedding(cfg.vocab_size // tp, cfg.dim)
+    tokens = torch.randint(0, cfg.vocab_size // tp, (b, seq_len))
+    out["embed_s"] = _median_time(lambda: emb(tokens).sum().backward(), repeats)
+    norm = block.ffn_norm
+    head = torch.nn.Linear(cfg.dim, cfg.vocab_size // tp, bias=False)
+    targets = torch.randint(0, cfg.vocab_size // tp, (b, seq_len))
+    out["head_s"] = _median_time(lambda: lm_loss(head(norm(x)), targets).backward(), repeats)
+    return out
+
+
+def time_optimizer(cfg: Any, optimizer: str, layout: str, repeats: int = REPEATS) -> float:
+    """Seconds per parameter of one optimizer step over the model's parameters,
+    as its own tensors (``layout="tensors"``) or as ZeRO's flat per-unit buffers (``"flat"``)."""
+    import torch
+
+    from impl.model_config import param_shapes
+
+    shapes = list(param_shapes(cfg).values())
+    if layout == "flat":  # impl.zero.decoder_units: embedding, each block, norm + head
+        per_block = sum(_numel(s) for s in shapes[1:-2]) // cfg.n_layers
+        sizes = [_numel(shapes[0])] + [per_block] * cfg.n_layers + [_numel(shapes[-1]) + cfg.dim]
+        params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    else:
+        params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    else:
+        raise ValueError(f"optimizer {optimizer!r} is not profiled (only {', '.join(PROFILED_OPTIMIZERS)})")
+    return _median_time(opt.step, repeats) / sum(p.numel() for p in params)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _worker(spec_path: str, out_path: str) -> None:
+    """Under torchrun: every rank times every piece at once (barriers between
+    pieces); rank 0 writes the mean over ranks."""
+    import torch
+    import torch.distributed as dist
+
+    from impl.model_config import PRESETS
+
+    dist.init_process_group("gloo")
+    rank, n = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = PRESETS[spec["model"]]
+    results: dict[str, dict[str, float]] = {}
+    for tp, b in spec["shapes"]:
+        dist.barrier()
+        results[layer_key(spec["model"], spec["seq_len"], n, tp, b)] = time_pieces(cfg, spec["seq_len"], tp, b)
+    optim: dict[str, float] = {}
+    for name in spec["optimizers"]:
+        for layout in ("tensors", "flat"):
+            dist.barrier()
+            optim[optimizer_key(name, spec["model"], n, layout)] = time_optimizer(cfg, name, layout)
+    gathered: list[Any] = [None] * n
+    dist.all_gather_object(gathered, {"layers": results, "optimizer": optim})
+    if rank == 0:
+        layers = {k: {p: statistics.fmean(g["layers"][k][p] for g in gathered) for p in v} for k, v in results.items()}
+        opt = {k: statistics.fmean(g["optimizer"][k] for g in gathered) for k in optim}
+        Path(out_path).write_text(json.dumps({"layers": layers, "optimizer": opt}))
+    dist.destroy_process_group()
+
+
+def measure(model: str, seq_len: int, ranks: int, shapes: Iterable[tuple[int, int]],
+            optimizers: Iterable[str], timeout_s: float = 300) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Run the worker under torchrun with ``ranks`` processes; (layer entries, optimizer entries)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({"model": model, "seq_len": seq_len, "shapes": sorted(set(shapes)),
+                                    "optimizers": sorted(set(optimizers))}))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "-m", "impl.auto_parallel.layer_profile", str(spec), str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"layer profiling of {model} at {ranks} ranks failed:\n{proc.stderr[-2000:]}")
+        data = json.loads(out.read_text())
+    return data["layers"], data["optimizer"]
+
+
+def ensure_layer_profile(profile: Any, *, model: str, seq_len: int, ranks: int,
+                         shapes: Iterable[tuple[int, int]], optimizer: str,
+                         save_to: str | Path | None = None) -> bool:
+    """Measure the (tp, b) shapes and the optimizer the profile lacks for this
+    model, sequence and rank count; store them in ``profile`` (and ``save_to``).
+    True when something was measured. CPU profiles only: a GPU target without
+    its own calibration keeps the FLOP-based compute model."""
+    if profile.device != "cpu":
+        return False
+    missing = [(tp, b) for tp, b in set(shapes) if layer_key(model, seq_len, ranks, tp, b) not in profile.layers]
+    optimizers = [optimizer] if optimizer in PROFILED_OPTIMIZERS and \
+        optimizer_key(optimizer, model, ranks, "flat") not in profile.optimizer_s_per_param else []
+    if not missing and not optimizers:
+        return False
+    layers, optim = measure(model, seq_len, ranks, missing or [next(iter(set(shapes)))], optimizers)
+    profile.layers.update(layers)
+    profile.optimizer_s_per_param.update(optim)
+    if save_to is not None:
+        profile.save(save_to)
+    return True
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
