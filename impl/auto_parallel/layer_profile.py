@@ -26,6 +26,7 @@ mean over ranks.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -122,8 +123,8 @@ def time_optimizer(cfg: Any, optimizer: str, layout: str, repeats: int = REPEATS
 
     shapes = list(param_shapes(cfg).values())
     if layout == "flat":  # impl.zero.decoder_units: embedding, each block, norm + head
-        per_block = sum(_numel(s) for s in shapes[1:-2]) // cfg.n_layers
-        sizes = [_numel(shapes[0])] + [per_block] * cfg.n_layers + [_numel(shapes[-1]) + cfg.dim]
+        per_block = sum(math.prod(s) for s in shapes[1:-2]) // cfg.n_layers
+        sizes = [math.prod(shapes[0])] + [per_block] * cfg.n_layers + [math.prod(shapes[-1]) + cfg.dim]
         params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
     else:
         params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
@@ -136,13 +137,6 @@ def time_optimizer(cfg: Any, optimizer: str, layout: str, repeats: int = REPEATS
     else:
         raise ValueError(f"optimizer {optimizer!r} is not profiled (only {', '.join(PROFILED_OPTIMIZERS)})")
     return _median_time(opt.step, repeats) / sum(p.numel() for p in params)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _worker(spec_path: str, out_path: str) -> None:
