@@ -156,7 +156,8 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
         phases["timed_done"] = time.time()
         state = model_state_bytes(state_tensors())
         mem = cuda_peaks(device) if device.type == "cuda" else {
-            "peak_allocated_bytes": tracker.peak_bytes, "peak_first_steps_bytes": tracker.peak_first_steps_bytes}
+            "peak_allocated_bytes": tracker.peak_bytes, "peak_first_steps_bytes": tracker.peak_first_steps_bytes,
+        "every_thread": tracker.every_thread}
         mine = {
             "samples": samples,
             "losses": [None if l is None else float(l) for l in losses],
@@ -296,7 +297,8 @@ def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict
             "device_total_bytes": ranks[0]["memory"].get("device_total_bytes"),
             "peak_mem_source": "cuda memory_stats allocated (max over ranks)"
             if device.type == "cuda"
-            else "cpu: profiler live-tensor bytes (counted from before the build), peak in the last warm-up step (max over ranks)",
+            else "cpu: profiler live-tensor bytes (counted from before the build), peak in the last warm-up step (max over ranks)"
+            + ("" if all(r["memory"].get("every_thread") for r in ranks) else "; frees on gloo threads missed (reads high)"),
             "peak_rss_bytes": _max(r["peak_rss_bytes"] for r in ranks),
             "model_state_bytes": {k: max(r["model_state_bytes"][k] for r in ranks) for k in ("params", "grads", "optimizer")},
             "comm": ranks[0]["comm"],

@@ -46,3 +46,8 @@ def test_zero_stages_equal_single_process_adamw(nproc):
 def test_zero_fp16_loss_scaling_skips_overflow_on_every_rank():
     out = torchrun("check_zero_fp16.py", 2)
     assert "OK overflow skipped on every rank" in out and "OK zero3 fp16" in out
+
+
+def test_cpu_peak_tracker_counts_frees_on_gloo_threads():
+    out = torchrun("check_cpu_peak_tracker.py", 2)
+    assert out.count("OK rank") == 2, out

@@ -154,6 +154,19 @@ def stage_times(knobs: Any, cfg: Any, profile: MachineProfile) -> tuple[list[flo
     return per_rank, blocks_on[busiest] * mem_bound, source
 
 
+def tp_call_extra(knobs: Any, cfg: Any, profile: MachineProfile) -> float:
+    """Seconds a blocking TP collective costs beyond its α–β time: from the layer
+    profile's in-place all-reduce of this shape (``layer_profile.time_tp_call``)
+    less the α–β of that message, else the calibration's generic probe
+    (``calibrate.blocking_extra``)."""
+    b = knobs.batch_size // (knobs.dp * knobs.microbatches)
+    measured = profile.layer(knobs.model, knobs.seq_len, knobs.world_size, knobs.tp, b) or {}
+    if "tp_call_s" not in measured:
+        return profile.blocking_extra(knobs.world_size)
+    bus = b * knobs.seq_len * cfg.dim * PRECISION_BYTES[knobs.precision] * 2 * (knobs.tp - 1) / knobs.tp
+    return max(0.0, measured["tp_call_s"] - profile.alpha_beta("all_reduce", knobs.tp).time_s(bus, 1))
+
+
 def comm_times(knobs: Any, cfg: Any, profile: MachineProfile) -> tuple[dict[str, float], float]:
     """Seconds per collective kind on one rank per step, and the total bus bytes."""
     from impl.model_config import total_params
@@ -169,7 +182,7 @@ def comm_times(knobs: Any, cfg: Any, profile: MachineProfile) -> tuple[dict[str,
             return
         key = f"{axis} {kind}"
         # TP's blocking collectives between compute also wait for the later rank
-        skew = calls * profile.blocking_extra(knobs.world_size) if axis == "tp" else 0.0
+        skew = calls * tp_skew if axis == "tp" else 0.0
         out[key] = out.get(key, 0.0) + profile.alpha_beta(kind, group).time_s(bus, calls) + skew
         bus_total += bus
 
@@ -190,6 +203,7 @@ def comm_times(knobs: Any, cfg: Any, profile: MachineProfile) -> tuple[dict[str,
             add("reduce_scatter", dp, total / 3, int(units) * m)
             add("all_gather", dp, 2 * total / 3, 2 * int(units) * m)
     if tp > 1:
+        tp_skew = tp_call_extra(knobs, cfg, profile)
         sp = knobs.sequence_parallel == "megatron"
         act = tp_comm_bytes(cfg, b=knobs.batch_size // dp, s=knobs.seq_len, tp=tp, dp=1, sequence_parallel=sp,
                             bytes_per_value=elem)

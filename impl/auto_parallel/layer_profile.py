@@ -13,7 +13,11 @@ ranks threads each, as training runs):
   norms replicated): the rank's compute without its all-reduces, which the
   cost model adds from the α–β fits;
 * the attention core's forward alone (selective recompute re-runs it);
-* the embedding forward + backward, and final norm + head (vocab ÷ t) + loss;
+* the embedding forward + backward, and final norm + head (vocab ÷ t) + loss
+  (with t > 1 the vocab-parallel embedding and cross-entropy, whose masks and
+  reductions cost twice a plain loss here);
+* with t > 1, one activation all-reduce in place (``time_tp_call``): a real
+  sharded block on the plan's TP group against the local one;
 * the optimizer step per parameter, over the model's tensors (DDP / no DP
   steps each parameter) and over flat per-unit buffers (ZeRO steps shards).
 
@@ -70,8 +74,11 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_pieces(cfg: Any, seq_len: int, tp: int, b: int, repeats: int = REPEATS) -> dict[str, float]:
-    """Seconds of each piece of one micro-batch of ``b`` sequences on one TP rank."""
+def time_pieces(cfg: Any, seq_len: int, tp: int, b: int, repeats: int = REPEATS, *,
+                alone: Any = None) -> dict[str, float]:
+    """Seconds of each piece of one micro-batch of ``b`` sequences on one TP rank;
+    with tp > 1, ``alone`` is a process group of this rank only (the
+    vocab-parallel embedding and loss run their reductions on it)."""
     import torch
 
     from impl.model import Block, lm_loss, rope_tables
@@ -104,14 +111,54 @@ def time_pieces(cfg: Any, seq_len: int, tp: int, b: int, repeats: int = REPEATS)
     q = torch.randn(b, local.n_heads, seq_len, cfg.head_dim, requires_grad=True)
     out["core_fwd_s"] = _median_time(lambda: block.attention.core(q, q, q), repeats)
 
-    emb = torch.nn.Embedding(cfg.vocab_size // tp, cfg.dim)
-    tokens = torch.randint(0, cfg.vocab_size // tp, (b, seq_len))
+    if tp > 1:  # the vocab-parallel pieces' own ops (masks, the loss's three reductions) on a 1-rank group
+        from impl.tensor_parallel import VocabParallelEmbedding
+        from impl.tp_comm import vocab_parallel_cross_entropy
+
+        emb = VocabParallelEmbedding(torch.randn(cfg.vocab_size // tp, cfg.dim), start=0, group=alone)
+
+        def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return vocab_parallel_cross_entropy(logits, targets, vocab_start=0, group=alone)
+    else:
+        emb, loss = torch.nn.Embedding(cfg.vocab_size, cfg.dim), lm_loss
+    tokens = torch.randint(0, cfg.vocab_size, (b, seq_len))
     out["embed_s"] = _median_time(lambda: emb(tokens).sum().backward(), repeats)
     norm = block.ffn_norm
     head = torch.nn.Linear(cfg.dim, cfg.vocab_size // tp, bias=False)
-    targets = torch.randint(0, cfg.vocab_size // tp, (b, seq_len))
-    out["head_s"] = _median_time(lambda: lm_loss(head(norm(x)), targets).backward(), repeats)
+    targets = torch.randint(0, cfg.vocab_size, (b, seq_len))
+    out["head_s"] = _median_time(lambda: loss(head(norm(x)), targets).backward(), repeats)
     return out
+
+
+def time_tp_call(cfg: Any, seq_len: int, tp: int, b: int, group: Any, repeats: int = 3 * REPEATS) -> float:
+    """Seconds one blocking activation all-reduce of a Megatron block costs in
+    place: a real ``apply_tensor_parallel`` block on ``group`` (2 all-reduces in
+    forward, 2 in backward) against the local-shape block without them, timed
+    in alternation, median of the paired differences ÷ 4. It is the collective
+    plus the wait for the later rank, which an idle-ranks α–β misses."""
+    import dataclasses
+
+    import torch
+
+    from impl.model import Block, Decoder, rope_tables
+    from impl.tensor_parallel import apply_tensor_parallel
+
+    torch.manual_seed(0)
+    decoder = Decoder(dataclasses.replace(cfg, n_layers=1))
+    apply_tensor_parallel(decoder, group=group)
+    sharded, local = decoder.layers[0], Block(LocalBlockConfig(cfg, tp))
+    cos, sin = rope_tables(cfg.head_dim, seq_len, cfg.rope_theta)
+    x = torch.randn(b, seq_len, cfg.dim, requires_grad=True)
+    grad = torch.randn(b, seq_len, cfg.dim)
+
+    def step(block) -> float:
+        start = time.perf_counter()
+        block(x, cos, sin).backward(grad)
+        return time.perf_counter() - start
+
+    step(sharded), step(local)
+    diffs = [step(sharded) - step(local) for _ in range(repeats)]
+    return max(0.0, statistics.median(diffs)) / 4
 
 
 def time_optimizer(cfg: Any, optimizer: str, layout: str, repeats: int = REPEATS) -> float:
@@ -152,10 +199,17 @@ def _worker(spec_path: str, out_path: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
     spec = json.loads(Path(spec_path).read_text())
     cfg = PRESETS[spec["model"]]
+    alone = [dist.new_group([r]) for r in range(n)][rank]
+    tp_groups = {tp: [dist.new_group(list(range(g, g + tp))) for g in range(0, n, tp)][rank // tp]
+                 for tp in sorted({tp for tp, _ in spec["shapes"] if tp > 1})}  # neighbouring ranks, as ParallelDims
     results: dict[str, dict[str, float]] = {}
     for tp, b in spec["shapes"]:
         dist.barrier()
-        results[layer_key(spec["model"], spec["seq_len"], n, tp, b)] = time_pieces(cfg, spec["seq_len"], tp, b)
+        pieces = time_pieces(cfg, spec["seq_len"], tp, b, alone=alone)
+        if tp > 1:
+            dist.barrier()
+            pieces["tp_call_s"] = time_tp_call(cfg, spec["seq_len"], tp, b, tp_groups[tp])
+        results[layer_key(spec["model"], spec["seq_len"], n, tp, b)] = pieces
     optim: dict[str, float] = {}
     for name in spec["optimizers"]:
         for layout in ("tensors", "flat"):
@@ -187,6 +241,11 @@ def measure(model: str, seq_len: int, ranks: int, shapes: Iterable[tuple[int, in
     return data["layers"], data["optimizer"]
 
 
+def _complete(entry: dict[str, float] | None, tp: int) -> bool:
+    """An entry from before the in-situ TP collective was timed lacks ``tp_call_s``."""
+    return entry is not None and (tp == 1 or "tp_call_s" in entry)
+
+
 def ensure_layer_profile(profile: Any, *, model: str, seq_len: int, ranks: int,
                          shapes: Iterable[tuple[int, int]], optimizer: str,
                          save_to: str | Path | None = None) -> bool:
@@ -196,7 +255,8 @@ def ensure_layer_profile(profile: Any, *, model: str, seq_len: int, ranks: int,
     its own calibration keeps the FLOP-based compute model."""
     if profile.device != "cpu":
         return False
-    missing = [(tp, b) for tp, b in set(shapes) if layer_key(model, seq_len, ranks, tp, b) not in profile.layers]
+    missing = [(tp, b) for tp, b in set(shapes)
+               if not _complete(profile.layers.get(layer_key(model, seq_len, ranks, tp, b)), tp)]
     optimizers = [optimizer] if optimizer in PROFILED_OPTIMIZERS and \
         optimizer_key(optimizer, model, ranks, "flat") not in profile.optimizer_s_per_param else []
     if not missing and not optimizers:
