@@ -19,7 +19,9 @@ Step time per rank:
   profile's α–β for that kind and group size; volumes from ``bench.theory``
   (DP/ZeRO 2Ψ or 3Ψ(N−1)/N, TP (4L+2)·b·s·h all-reduces, pipeline p2p);
   DP/ZeRO traffic hides behind the backward as far as the machine overlaps
-  (``MachineProfile.overlap``, measured), TP and p2p do not;
+  (``MachineProfile.overlap``, measured), TP and p2p do not; each blocking
+  TP collective also waits for the later rank (``tp_call_extra``: the layer
+  profile's in-place all-reduce less its α–β);
 * optimizer: the shard × the step's measured seconds per parameter for that
   optimizer and layout (ZeRO's flat buffers or the model's tensors), else its
   state streamed once (Adam fp32: 28 B/param) ÷ bandwidth; offload adds the
