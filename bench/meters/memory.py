@@ -25,13 +25,15 @@ from typing import Any
 import torch
 
 
-def track_frees_on_every_thread() -> bool:
-    """Set c10's ``FLAGS_caffe2_report_cpu_memory_usage`` (no Python binding; a
-    global in libc10). False where this build does not export it: frees on
-    other threads are then missed, and peaks of collective-heavy cells read high."""
+def track_frees_on_every_thread(on: bool = True) -> bool:
+    """Set (or clear) c10's ``FLAGS_caffe2_report_cpu_memory_usage`` (no Python
+    binding; a global in libc10). False where this build does not export it:
+    frees on other threads are then missed, and peaks of collective-heavy cells
+    read high. Cleared after tracking, so timed steps do not pay the
+    allocator's bookkeeping."""
     try:
         lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
-        ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+        ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = on
     except (OSError, ValueError):
         return False
     return True
@@ -74,6 +76,8 @@ class CpuPeakTracker:
 
     def __exit__(self, *exc: Any) -> None:
         self._prof.__exit__(*exc)
+        if self.every_thread:
+            track_frees_on_every_thread(False)
         events = list(_walk(self._prof.kineto_results.experimental_event_tree()))
         marks = [e.start_time_ns for e in events if e.name == self.MARK]
         allocations = sorted(
