@@ -4,12 +4,11 @@ Cells are matched by their configuration (test-only knobs such as `fault`
 excluded). Step time is compared on the raw samples: a regression needs the
 median ratio past the threshold *and* a one-sided Mann-Whitney U test
 (candidate slower) significant at `alpha`. Communication bytes are
-deterministic per configuration and memory nearly so, so the ratio alone
-decides. "Nearly": torch DDP's CPU live-tensor peak can differ by exactly one
-gradient bucket between launches (whether gloo's all-reduce buffer is alive
-at the peak; 13 % of the tiny model), so A/A compares of such cells need
-`--mem-threshold` above one bucket ÷ peak. A cell that was ok and no longer
-is, is a regression too. No torch import.
+deterministic per configuration and so is the CPU live-tensor peak (it once
+moved by one DDP gradient bucket between launches, 13 % of the tiny model,
+while the tracker missed frees made on gloo's worker thread), so the ratio
+alone decides. A cell that was ok and no longer is, is a regression too. No
+torch import.
 """
 from __future__ import annotations
 

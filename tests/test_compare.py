@@ -30,17 +30,18 @@ def test_a_a_runs_do_not_regress(tmp_path):
     # ~1.9 is machine noise here and the time threshold of this A/A check is
     # 100 %. The 5 % default is for dedicated nodes; the slowdown test below
     # measures base and candidate in one run instead.
-    # Communication is exact. The CPU live-tensor peak is not, for torch DDP:
-    # across launches it differed by exactly one gradient bucket (Ψ·4 B, ratio
-    # 1.13 on tiny) — whether gloo's all-reduce buffer is alive at the peak
-    # depends on the ranks' timing — so the memory threshold here is 15 %.
-    proc = bench("compare", str(base), str(cand), "--time-threshold", "1.0", "--mem-threshold", "0.15", check=False)
+    # Communication and the CPU live-tensor peak are exact. The peak once
+    # differed by one DDP gradient bucket between launches (ratio 1.13 on tiny):
+    # the tracker missed the bucket's free when gloo's worker thread made it
+    # (bench.meters.memory); since it counts those, 4 launches of each adapter
+    # read the same bytes, so the default memory threshold applies.
+    proc = bench("compare", str(base), str(cand), "--time-threshold", "1.0", check=False)
     assert proc.returncode == 0, proc.stdout
     assert "**0 regression(s)** in 2 matched cells" in proc.stdout
     findings = compare(base, cand)
     assert {f.metric for f in findings} == {"step_time_s", "peak_mem_bytes", "comm_bytes_per_step"}
     assert all(f.ratio == 1 for f in findings if f.metric == "comm_bytes_per_step")
-    assert all(abs(f.ratio - 1) <= 0.15 for f in findings if f.metric == "peak_mem_bytes")
+    assert all(abs(f.ratio - 1) <= 0.01 for f in findings if f.metric == "peak_mem_bytes")
 
 
 def _slowdown_pair(tmp_path, attempt: int):
