@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -179,9 +180,10 @@ def cmd_run(args) -> int:
         return 2
     try:
         results_root.mkdir(parents=True, exist_ok=True)
-        probe = results_root / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # A probe of this process's own: two runners sharing a results folder
+        # must not unlink each other's probe.
+        with tempfile.NamedTemporaryFile(dir=results_root, prefix=".write-test-"):
+            pass
     except OSError as exc:
         err_console.print(f"error: results directory {results_root} is not writable: {exc}", soft_wrap=True)
         return 2

@@ -159,6 +159,8 @@ def test_concurrent_runs_into_one_results_folder(tmp_path):
     lock = results / "conc" / ".shared.lock"
     deadline = time.time() + 60
     while time.time() < deadline and not (lock.exists() and lock.read_text().strip()):
+        for runner in (a, c):  # a runner that exits before A holds its run failed to start
+            assert runner.poll() is None or lock.exists(), runner.communicate()[1]
         time.sleep(0.05)
     assert lock.read_text().strip() == str(a.pid), "runner A holds its run"
     # A second runner on the same run id is refused while A runs (it would repeat
