@@ -43,19 +43,24 @@ def _why_not(knobs):
     return adapters.why_not(knobs)
 
 
+PASSES = 3
+"""Passes over the whole matrix; each cell's step time is the median of its passes' medians."""
+
+
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("auto")
     profile = calibrate(tmp / "profile.json")
     plans = search(BASE, profile, memory_budget_bytes=None, why_not=_why_not, space=SPACE).plans
-    suite = {"name": "auto-parallel", "steps": 4, "warmup": 2, "timeout_s": 240, "predict": True,
+    suite = {"name": "auto-parallel", "steps": 6, "warmup": 2, "timeout_s": 240, "predict": True,
              "machine_profile": str(tmp / "profile.json"), "defaults": BASE,
              "include": [p.choice() for p in plans] + [{"strategy": "auto"}]}
     (tmp / "suite.yaml").write_text(yaml.safe_dump(suite))
-    recs = _run(tmp, "results")
+    runs = [_run(tmp, f"pass{i}") for i in range(PASSES)]
+    recs = _median_of_passes(runs)
     manual = [r for r in recs if r["config"]["strategy"] == "manual"]
     auto = [r for r in recs if r["config"]["strategy"] == "auto"]
-    bench("report", str(tmp / "results" / "auto-parallel"), "--out", str(tmp / "reports"))
+    bench("report", str(tmp / "pass0" / "auto-parallel"), "--out", str(tmp / "reports"))
     pages = list((tmp / "reports").rglob("index.html"))
     return profile, plans, manual, auto, pages, tmp
 
@@ -65,10 +70,24 @@ def _run(tmp, results: str) -> list[dict]:
     return records(tmp / results, "auto-parallel")
 
 
-def _fastest(first: list[dict], second: list[dict]) -> list[dict]:
-    """Per cell, the run with the faster median: a neighbour's load only ever slows a cell down."""
-    again = {r["cell_id"]: r for r in second}
-    return [min((r, again.get(r["cell_id"], r)), key=lambda x: x["metrics"]["step_time_median_s"]) for r in first]
+def _median_of_passes(runs: list[list[dict]]) -> list[dict]:
+    """The first pass's records, each with its step time replaced by the median of
+    that cell's medians over the passes. The matrix runs whole, pass after pass,
+    so a slow spell of this 2-core VM (10–40 % for seconds to minutes) lands on
+    different cells in different passes instead of on one cell three times."""
+    import copy
+    import statistics
+
+    out = []
+    for rec in runs[0]:
+        rec = copy.deepcopy(rec)
+        if rec["status"] == "ok":
+            times = [r["metrics"]["step_time_median_s"] for run in runs for r in run
+                     if r["cell_id"] == rec["cell_id"] and r["status"] == "ok"]
+            rec["metrics"]["step_time_median_s"] = statistics.median(times)
+            rec["metrics"]["step_time_pass_medians_s"] = times
+        out.append(rec)
+    return out
 
 
 @pytest.mark.calibration
@@ -83,14 +102,11 @@ def test_every_feasible_plan_was_measured_with_its_prediction(measured) -> None:
 
 @pytest.mark.calibration
 def test_predicted_step_time_ranks_the_plans(measured) -> None:
-    _, _, manual, _, _, tmp = measured
+    _, _, manual, _, _, _ = measured
     v = validation(manual)
-    if v["spearman"] < 0.8 or v["top1_gap_pct"] > 10:
-        # 2 shared cores: another job's load distorts single cells. Measure the
-        # matrix once more and keep each cell's faster run before judging.
-        print(f"first run: Spearman {v['spearman']:.3f}, top-1 gap {v['top1_gap_pct']:.1f} %; measuring again")
-        manual = _fastest(manual, [r for r in _run(tmp, "again") if r["config"]["strategy"] == "manual"])
-        v = validation(manual)
+    for r in manual:
+        passes = r["metrics"]["step_time_pass_medians_s"]
+        print(f"{r['notes']['plan']['label']:<28} passes " + " ".join(f"{t * 1e3:6.1f}" for t in passes) + " ms")
     for row in sorted(v["rows"], key=lambda r: r["measured_ms"]):
         print(f"{row['plan']:<28} measured {row['measured_ms']:7.1f} ms predicted {row['predicted_ms']:7.1f} ms "
               f"(×{row['time_ratio']:.2f}); peak {row['measured_mem_mib']:6.1f} MiB predicted "

@@ -24,8 +24,8 @@ ranks threads each, as training runs):
 Entries are keyed ``model:seq:ranks:tp:b`` in ``MachineProfile.layers`` and
 ``optimizer:model:ranks:layout`` in ``MachineProfile.optimizer_s_per_param``;
 ``ensure_layer_profile`` measures the missing ones (one torchrun, ~5–20 s on
-2 cores) and saves the profile. Each figure is the median over repeats of the
-mean over ranks.
+2 cores) and saves the profile. Each figure is the median over ``ROUNDS``
+interleaved rounds of the median over repeats of the mean over ranks.
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ from typing import Any, Iterable
 PROFILED_OPTIMIZERS = ("adamw", "sgd")
 """Optimizers timed directly (torch's, which the in-house adapter uses); others fall back to streaming bytes."""
 REPEATS = 5
+ROUNDS = 3
+"""Rounds over all shapes; each figure is the median of its rounds (this 2-core VM's speed drifts by 10–40 %
+between seconds, and one slow spell during one shape's repeats had put the TP block at twice its time)."""
 
 
 def layer_key(model: str, seq_len: int, ranks: int, tp: int, b: int) -> str:
@@ -133,9 +136,13 @@ def time_pieces(cfg: Any, seq_len: int, tp: int, b: int, repeats: int = REPEATS,
 def time_tp_call(cfg: Any, seq_len: int, tp: int, b: int, group: Any, repeats: int = 3 * REPEATS) -> float:
     """Seconds one blocking activation all-reduce of a Megatron block costs in
     place: a real ``apply_tensor_parallel`` block on ``group`` (2 all-reduces in
-    forward, 2 in backward) against the local-shape block without them, timed
-    in alternation, median of the paired differences ÷ 4. It is the collective
-    plus the wait for the later rank, which an idle-ranks α–β misses."""
+    forward, 2 in backward) run back to back, as a model's blocks run, against
+    the local-shape block without them, also back to back: the difference of
+    the medians ÷ 4. It is the collective plus the wait for the later rank,
+    which an idle-ranks α–β misses. (Timing the two in alternation made each
+    sharded step's first all-reduce absorb the ranks' drift over the whole
+    unsynchronised local step: 3 ms a call on ``small`` where training showed
+    about 0.6.)"""
     import dataclasses
 
     import torch
@@ -156,9 +163,11 @@ def time_tp_call(cfg: Any, seq_len: int, tp: int, b: int, group: Any, repeats: i
         block(x, cos, sin).backward(grad)
         return time.perf_counter() - start
 
-    step(sharded), step(local)
-    diffs = [step(sharded) - step(local) for _ in range(repeats)]
-    return max(0.0, statistics.median(diffs)) / 4
+    step(local)
+    local_s = statistics.median(step(local) for _ in range(repeats))
+    step(sharded)  # warm-up; it also brings the ranks into step
+    sharded_s = statistics.median(step(sharded) for _ in range(repeats))
+    return max(0.0, sharded_s - local_s) / 4
 
 
 def time_optimizer(cfg: Any, optimizer: str, layout: str, repeats: int = REPEATS) -> float:
@@ -202,14 +211,16 @@ def _worker(spec_path: str, out_path: str) -> None:
     alone = [dist.new_group([r]) for r in range(n)][rank]
     tp_groups = {tp: [dist.new_group(list(range(g, g + tp))) for g in range(0, n, tp)][rank // tp]
                  for tp in sorted({tp for tp, _ in spec["shapes"] if tp > 1})}  # neighbouring ranks, as ParallelDims
-    results: dict[str, dict[str, float]] = {}
-    for tp, b in spec["shapes"]:
-        dist.barrier()
-        pieces = time_pieces(cfg, spec["seq_len"], tp, b, alone=alone)
-        if tp > 1:
+    rounds: dict[str, list[dict[str, float]]] = {}
+    for _ in range(ROUNDS):  # shapes interleaved: a slow spell of the machine spoils one round of each, not one shape
+        for tp, b in spec["shapes"]:
             dist.barrier()
-            pieces["tp_call_s"] = time_tp_call(cfg, spec["seq_len"], tp, b, tp_groups[tp])
-        results[layer_key(spec["model"], spec["seq_len"], n, tp, b)] = pieces
+            pieces = time_pieces(cfg, spec["seq_len"], tp, b, alone=alone)
+            if tp > 1:
+                dist.barrier()
+                pieces["tp_call_s"] = time_tp_call(cfg, spec["seq_len"], tp, b, tp_groups[tp])
+            rounds.setdefault(layer_key(spec["model"], spec["seq_len"], n, tp, b), []).append(pieces)
+    results = {k: {p: statistics.median(r[p] for r in rs) for p in rs[0]} for k, rs in rounds.items()}
     optim: dict[str, float] = {}
     for name in spec["optimizers"]:
         for layout in ("tensors", "flat"):

@@ -12,8 +12,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PROFILE_VERSION = 2
-"""2: per-layer compute and optimizer profiles (``layers``, ``optimizer_s_per_param``), overlap fraction."""
+PROFILE_VERSION = 3
+"""2: per-layer compute and optimizer profiles (``layers``, ``optimizer_s_per_param``), overlap fraction;
+3: the in-place TP all-reduce timed with the sharded block run back to back (``layer_profile.time_tp_call``)."""
 
 # Default α–β for GPUs without a calibrated profile (not measured; labelled as
 # such in every plan): NVLink inside a node, InfiniBand/RoCE across nodes.
