@@ -53,15 +53,20 @@ def layer_profiler(profile: Any, save_to: Path | None, *, echo=None):
     from impl.auto_parallel.layer_profile import ensure_layer_profile
 
     def prepare(plans: list[Any]) -> None:
-        groups: dict[tuple, set[tuple[int, int]]] = {}
+        groups: dict[tuple, tuple[set[tuple[int, int]], set[tuple[int, int]]]] = {}
         for k in plans:
             key = (k.model, k.seq_len, k.world_size, k.optimizer)
-            groups.setdefault(key, set()).add((k.tp, k.batch_size // (k.dp * k.microbatches)))
-        for (model, seq_len, ranks, optimizer), shapes in groups.items():
+            shapes, zero_shapes = groups.setdefault(key, (set(), set()))
+            b = k.batch_size // (k.dp * k.microbatches)
+            shapes.add((k.tp, b))
+            if k.zero >= 2 and k.dp == k.world_size:  # the ZeRO probe shards over every rank
+                zero_shapes.add((k.zero, b))
+        for (model, seq_len, ranks, optimizer), (shapes, zero_shapes) in groups.items():
             if echo and profile.device == "cpu":
-                echo(f"layer profile: {model} seq {seq_len} at {ranks} ranks, up to {len(shapes)} shapes")
+                echo(f"layer profile: {model} seq {seq_len} at {ranks} ranks, up to {len(shapes)} shapes"
+                     f"{f' and {len(zero_shapes)} ZeRO probes' if zero_shapes else ''}")
             ensure_layer_profile(profile, model=model, seq_len=seq_len, ranks=ranks, shapes=shapes,
-                                 optimizer=optimizer, save_to=save_to)
+                                 optimizer=optimizer, save_to=save_to, zero_shapes=zero_shapes)
 
     return prepare
 
@@ -135,8 +140,8 @@ def search_space_knobs(knobs: Any) -> list[Any]:
     from impl.model_config import PRESETS
 
     out = [knobs]
-    for overlay in candidates(knobs.resolved(), PRESETS[knobs.model], space={"zero": [0], "offload": ["none"],
-                                                                           "checkpointing": ["none"]}):
+    space = {"zero": sorted({0, knobs.zero}), "offload": ["none"], "checkpointing": ["none"]}
+    for overlay in candidates(knobs.resolved(), PRESETS[knobs.model], space=space):
         try:
             out.append(Knobs.model_validate(overlay))
         except ValidationError:

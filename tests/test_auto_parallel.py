@@ -26,7 +26,8 @@ from bench.knobs import Knobs
 from bench.plan import validation
 from bench.theory import activation_bytes_per_layer, model_state_bytes
 from impl.auto_parallel.calibrate import calibrate, fit_alpha_beta
-from impl.auto_parallel.cost_model import estimate, stage_times, tp_call_extra
+from impl.auto_parallel.cost_model import estimate, stage_times, tp_call_extra, zero_in_place
+from impl.auto_parallel.layer_profile import zero_key
 from impl.auto_parallel.profile import MachineProfile, default_gpu_profile
 from impl.auto_parallel.search import search
 from impl.model_config import PRESETS, total_params
@@ -175,6 +176,11 @@ def test_strategy_auto_cell_runs_the_best_plan_of_its_profile(tmp_path) -> None:
     assert tp_call_extra(tp_plan, PRESETS["tiny"], profile) == pytest.approx(max(0.0, tp_entry["tp_call_s"] - profile.alpha_beta(
         "all_reduce", 2).time_s(8 * 32 * PRESETS["tiny"].dim * 4, 1)))
     assert profile.optimizer_rate("adamw", "tiny", 2, "flat") > 0
+    # ZeRO-2/3 plans got impl.zero's in-place cost, and their estimate reads it
+    assert profile.layer("tiny", 32, 2, 1, 4)[zero_key(3)] > 0 and profile.layer("tiny", 32, 2, 1, 1)[zero_key(2)] > 0
+    z3 = Knobs(**{**base, "zero": 3, "adapter": "inhouse"})
+    assert zero_in_place(z3, PRESETS["tiny"], profile) > 0
+    assert "zero 3: in-place probe" in estimate(z3, profile).notes
     best = search({**base, "strategy": "auto"}, profile, memory_budget_bytes=None, why_not=_why_not).plans[0]
     assert best.estimate.notes == ["compute: layer profile"]
     assert plan["choice"] == best.choice() and plan["considered"] >= plan["feasible"] > 1
@@ -231,6 +237,27 @@ def test_cost_model_components_follow_the_theory() -> None:
     # memory: model state is bench.fit's, checkpointing keeps only block inputs
     assert dp.state_bytes == predict_device_bytes(k()).state_bytes
     assert ck.activation_bytes < dp.activation_bytes / 10
+
+
+def test_zero_in_place_scales_the_probe_by_traffic() -> None:
+    """The probe times a one-block decoder (3 ZeRO units); the model's cost is the
+    probe × m × the ratio of their α–β traffic per micro-batch. With α = 0 the
+    ratio is the parameter ratio; a stage the probe lacks falls back to α–β and overlap."""
+    from impl.model_config import total_params
+
+    p = _toy_profile()
+    for key in p.comm:
+        p.comm[key]["alpha_s"] = 0.0
+    cfg = PRESETS["small"]
+    one_block = total_params(cfg) - (cfg.n_layers - 1) * (total_params(cfg) - 2 * cfg.vocab_size * cfg.dim - cfg.dim) / cfg.n_layers
+    p.layers["small:128:2:1:1"] = {"block_fwd_s": 1e-3, "block_bwd_s": 2e-3, "core_fwd_s": 1e-4, "embed_s": 1e-4,
+                                    "head_s": 1e-3, zero_key(3): 0.010}
+    k = Knobs(**{**BASE, "zero": 3, "microbatches": 4})
+    assert zero_in_place(k, cfg, p) == pytest.approx(4 * 0.010 * total_params(cfg) / one_block)
+    est = estimate(k, p)
+    assert est.exposed_comm_s == pytest.approx(zero_in_place(k, cfg, p))
+    assert zero_in_place(Knobs(**{**BASE, "zero": 2, "microbatches": 4}), cfg, p) is None  # not probed
+    assert zero_in_place(Knobs(**{**BASE, "microbatches": 4}), cfg, p) is None  # DDP: α–β and overlap
 
 
 def test_zero_backward_walk_mirrors_impl_zero() -> None:

@@ -19,7 +19,9 @@ Step time per rank:
   profile's α–β for that kind and group size; volumes from ``bench.theory``
   (DP/ZeRO 2Ψ or 3Ψ(N−1)/N, TP (4L+2)·b·s·h all-reduces, pipeline p2p);
   DP/ZeRO traffic hides behind the backward as far as the machine overlaps
-  (``MachineProfile.overlap``, measured), TP and p2p do not; each blocking
+  (``MachineProfile.overlap``, measured) — or, for ZeRO-2/3 when the layer
+  profile holds ``impl.zero`` timed in place at this shape, what that probe
+  measured, scaled to the model (``zero_in_place``); TP and p2p do not hide; each blocking
   TP collective also waits for the later rank (``tp_call_extra``: the layer
   profile's in-place all-reduce less its α–β);
 * optimizer: the shard × the step's measured seconds per parameter for that
@@ -382,6 +384,35 @@ def exposed_dp_comm(knobs: Any, cfg: Any, comm: dict[str, float], per_micro_s: f
     return shown(rs + ag / 2, m * backward) + shown(ag / 2, m * forward)
 
 
+def zero_in_place(knobs: Any, cfg: Any, profile: MachineProfile) -> float | None:
+    """Seconds per step that ZeRO-2/3's per-micro-batch traffic (stage 3: two
+    all-gathers and a reduce-scatter per unit; stage 2: the reduce-scatter)
+    leaves on the critical path, overlap and the cores it takes from compute
+    included: the layer profile's in-place probe (``layer_profile.time_zero``,
+    a one-block decoder) scaled to this model by the ratio of the two models'
+    α–β traffic per micro-batch. None without a probe of this shape (pure data
+    parallel only: the in-house adapter has no ZeRO with tp or pp)."""
+    if knobs.zero < 2 or knobs.dp < 2 or knobs.tp > 1 or knobs.pp > 1:
+        return None
+    import dataclasses
+
+    from impl.auto_parallel.layer_profile import ZERO_PROBE_LAYERS, zero_key
+
+    b = knobs.batch_size // (knobs.dp * knobs.microbatches)
+    probe = (profile.layer(knobs.model, knobs.seq_len, knobs.world_size, 1, b) or {}).get(zero_key(knobs.zero))
+    if probe is None:
+        return None
+    n, elem = knobs.dp, PRECISION_BYTES[knobs.precision]
+    rs, ag = profile.alpha_beta("reduce_scatter", n), profile.alpha_beta("all_gather", n)
+
+    def traffic_s(c: Any) -> float:
+        per_unit = [u * (n - 1) / n * elem for u in zero_unit_numels(c)]
+        return sum(rs.time_s(x, 1) + (2 * ag.time_s(x, 1) if knobs.zero == 3 else 0.0) for x in per_unit)
+
+    one = dataclasses.replace(cfg, n_layers=ZERO_PROBE_LAYERS)
+    return knobs.microbatches * probe * traffic_s(cfg) / traffic_s(one)
+
+
 def estimate(knobs: Any, profile: MachineProfile) -> Estimate:
     """Predicted step time and peak memory of one resolved cell (``bench.knobs.Knobs``)."""
     from impl.model_config import PRESETS
@@ -397,7 +428,13 @@ def estimate(knobs: Any, profile: MachineProfile) -> Estimate:
     v = knobs.virtual_stages if pp > 1 and knobs.pp_schedule == "interleaved" else 1
     bubble = (sum(per_rank) - per_micro) / v
     comm, bus = comm_times(knobs, cfg, profile)
-    exposed_dp = exposed_dp_comm(knobs, cfg, comm, per_micro, profile.overlap_fraction(knobs.world_size))
+    in_place = zero_in_place(knobs, cfg, profile)
+    notes = [f"compute: {source}"]
+    if in_place is None:
+        exposed_dp = exposed_dp_comm(knobs, cfg, comm, per_micro, profile.overlap_fraction(knobs.world_size))
+    else:  # measured in place; ZeRO-2's all-gather after the step has nothing to hide behind
+        exposed_dp = in_place + (comm.get("dp all_gather", 0.0) if knobs.zero == 2 else 0.0)
+        notes.append(f"zero {knobs.zero}: in-place probe")
     critical_comm = sum(t for k, t in comm.items() if not k.startswith("dp "))
     psi_local = tp_local_params(cfg, knobs.tp) / pp
     shard = psi_local / (knobs.dp if knobs.zero else 1)
@@ -411,4 +448,4 @@ def estimate(knobs: Any, profile: MachineProfile) -> Estimate:
     return Estimate(step_time_s=step, compute_s=m * per_micro, memory_bound_s=m * mem_bound, bubble_s=bubble,
                     comm_s=comm, exposed_comm_s=exposed_dp + critical_comm, optimizer_s=optimizer,
                     state_bytes=state, activation_bytes=act, loss_bytes=loss, transient_bytes=transient,
-                    comm_bus_bytes=bus, notes=[f"compute: {source}"])
+                    comm_bus_bytes=bus, notes=notes)

@@ -18,6 +18,8 @@ ranks threads each, as training runs):
   reductions cost twice a plain loss here);
 * with t > 1, one activation all-reduce in place (``time_tp_call``): a real
   sharded block on the plan's TP group against the local one;
+* for ZeRO-2/3 plans, what ``impl.zero`` adds to a micro-batch in place
+  (``time_zero``): a one-block decoder under ZeRO against the same without it;
 * the optimizer step per parameter, over the model's tensors (DDP / no DP
   steps each parameter) and over flat per-unit buffers (ZeRO steps shards).
 
@@ -50,6 +52,11 @@ between seconds, and one slow spell during one shape's repeats had put the TP bl
 
 def layer_key(model: str, seq_len: int, ranks: int, tp: int, b: int) -> str:
     return f"{model}:{seq_len}:{ranks}:{tp}:{b}"
+
+
+def zero_key(stage: int) -> str:
+    """The layer-entry field of ZeRO-``stage``'s in-place seconds per micro-batch of the probe (``time_zero``)."""
+    return f"zero{stage}_probe_s"
 
 
 def optimizer_key(optimizer: str, model: str, ranks: int, layout: str) -> str:
@@ -170,6 +177,52 @@ def time_tp_call(cfg: Any, seq_len: int, tp: int, b: int, group: Any, repeats: i
     return max(0.0, sharded_s - local_s) / 4
 
 
+ZERO_PROBE_LAYERS = 1
+"""The ZeRO probe's decoder: embedding, one block, norm + head (3 units, as ``impl.zero.decoder_units`` cuts them)."""
+
+
+def time_zero(cfg: Any, seq_len: int, stage: int, b: int, group: Any, repeats: int = 3 * REPEATS) -> float:
+    """Seconds ZeRO-``stage`` (``impl.zero``, stage 2 or 3) adds to one
+    micro-batch's forward and backward in place: a one-block decoder of this
+    model under ``apply_zero`` on ``group`` (stage 3: each unit's all-gather
+    before its forward and again before its backward, prefetching the next;
+    both stages: each unit's reduce-scatter launched from its gradient hook, at
+    most ``MAX_INFLIGHT_RS`` in flight) run back to back, against the same
+    decoder without ZeRO, also back to back: the difference of the medians.
+    On a GPU the collectives run beside the compute; on a CPU gloo's copies and
+    sums need the cores the ranks compute on, and each wait also waits for the
+    later rank: what is left of the α–β traffic after overlap, measured."""
+    import dataclasses
+
+    import torch
+
+    from impl.model import Decoder, lm_loss
+    from impl.zero import apply_zero
+
+    one = dataclasses.replace(cfg, n_layers=ZERO_PROBE_LAYERS)
+    torch.manual_seed(0)
+    plain, sharded = Decoder(one), Decoder(one)
+    zero = apply_zero(sharded, stage=stage, group=group)
+    tokens = torch.randint(0, cfg.vocab_size, (b, seq_len))
+    targets = torch.randint(0, cfg.vocab_size, (b, seq_len))
+
+    def step(model: Any, clear: Any) -> float:
+        start = time.perf_counter()
+        lm_loss(model(tokens), targets).backward()  # the reduce-scatters finish inside (end-of-backward hook)
+        elapsed = time.perf_counter() - start
+        clear()
+        return elapsed
+
+    def clear_plain() -> None:
+        plain.zero_grad(set_to_none=True)
+
+    step(plain, clear_plain)
+    plain_s = statistics.median(step(plain, clear_plain) for _ in range(repeats))
+    step(sharded, zero.zero_grad)
+    sharded_s = statistics.median(step(sharded, zero.zero_grad) for _ in range(repeats))
+    return max(0.0, sharded_s - plain_s)
+
+
 def time_optimizer(cfg: Any, optimizer: str, layout: str, repeats: int = REPEATS) -> float:
     """Seconds per parameter of one optimizer step over the model's parameters,
     as its own tensors (``layout="tensors"``) or as ZeRO's flat per-unit buffers (``"flat"``)."""
@@ -211,6 +264,9 @@ def _worker(spec_path: str, out_path: str) -> None:
     alone = [dist.new_group([r]) for r in range(n)][rank]
     tp_groups = {tp: [dist.new_group(list(range(g, g + tp))) for g in range(0, n, tp)][rank // tp]
                  for tp in sorted({tp for tp, _ in spec["shapes"] if tp > 1})}  # neighbouring ranks, as ParallelDims
+    zero_stages: dict[int, list[int]] = {}
+    for stage, b in spec.get("zero_shapes", []):
+        zero_stages.setdefault(b, []).append(stage)
     rounds: dict[str, list[dict[str, float]]] = {}
     for _ in range(ROUNDS):  # shapes interleaved: a slow spell of the machine spoils one round of each, not one shape
         for tp, b in spec["shapes"]:
@@ -219,6 +275,9 @@ def _worker(spec_path: str, out_path: str) -> None:
             if tp > 1:
                 dist.barrier()
                 pieces["tp_call_s"] = time_tp_call(cfg, spec["seq_len"], tp, b, tp_groups[tp])
+            for stage in zero_stages.get(b, []) if tp == 1 else []:
+                dist.barrier()
+                pieces[zero_key(stage)] = time_zero(cfg, spec["seq_len"], stage, b, dist.group.WORLD)
             rounds.setdefault(layer_key(spec["model"], spec["seq_len"], n, tp, b), []).append(pieces)
     results = {k: {p: statistics.median(r[p] for r in rs) for p in rs[0]} for k, rs in rounds.items()}
     optim: dict[str, float] = {}
@@ -236,12 +295,14 @@ def _worker(spec_path: str, out_path: str) -> None:
 
 
 def measure(model: str, seq_len: int, ranks: int, shapes: Iterable[tuple[int, int]],
-            optimizers: Iterable[str], timeout_s: float = 300) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Run the worker under torchrun with ``ranks`` processes; (layer entries, optimizer entries)."""
+            optimizers: Iterable[str], timeout_s: float = 300, zero_shapes: Iterable[tuple[int, int]] = ()
+            ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Run the worker under torchrun with ``ranks`` processes; (layer entries, optimizer entries).
+    ``zero_shapes`` are (ZeRO stage, b) pairs whose (tp 1, b) entry also gets ``time_zero``."""
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec.write_text(json.dumps({"model": model, "seq_len": seq_len, "shapes": sorted(set(shapes)),
-                                    "optimizers": sorted(set(optimizers))}))
+                                    "zero_shapes": sorted(set(zero_shapes)), "optimizers": sorted(set(optimizers))}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                "-m", "impl.auto_parallel.layer_profile", str(spec), str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -252,27 +313,34 @@ def measure(model: str, seq_len: int, ranks: int, shapes: Iterable[tuple[int, in
     return data["layers"], data["optimizer"]
 
 
-def _complete(entry: dict[str, float] | None, tp: int) -> bool:
-    """An entry from before the in-situ TP collective was timed lacks ``tp_call_s``."""
-    return entry is not None and (tp == 1 or "tp_call_s" in entry)
+def _complete(entry: dict[str, float] | None, tp: int, zero_stages: Iterable[int] = ()) -> bool:
+    """An entry has its TP rank's in-place all-reduce (tp > 1) and the in-place
+    cost of every ZeRO stage asked for (tp = 1)."""
+    return entry is not None and (tp == 1 or "tp_call_s" in entry) and all(zero_key(z) in entry for z in zero_stages)
 
 
 def ensure_layer_profile(profile: Any, *, model: str, seq_len: int, ranks: int,
                          shapes: Iterable[tuple[int, int]], optimizer: str,
-                         save_to: str | Path | None = None) -> bool:
-    """Measure the (tp, b) shapes and the optimizer the profile lacks for this
-    model, sequence and rank count; store them in ``profile`` (and ``save_to``).
-    True when something was measured. CPU profiles only: a GPU target without
-    its own calibration keeps the FLOP-based compute model."""
+                         save_to: str | Path | None = None, zero_shapes: Iterable[tuple[int, int]] = ()) -> bool:
+    """Measure the (tp, b) shapes, the (ZeRO stage, b) in-place costs and the
+    optimizer the profile lacks for this model, sequence and rank count; store
+    them in ``profile`` (and ``save_to``). True when something was measured.
+    CPU profiles only: a GPU target without its own calibration keeps the
+    FLOP-based compute model."""
     if profile.device != "cpu":
         return False
-    missing = [(tp, b) for tp, b in set(shapes)
-               if not _complete(profile.layers.get(layer_key(model, seq_len, ranks, tp, b)), tp)]
+    zero_shapes = set(zero_shapes)
+    stages = {b: {z for z, zb in zero_shapes if zb == b} for _, b in zero_shapes}
+    wanted = set(shapes) | {(1, b) for b in stages}
+    missing = [(tp, b) for tp, b in wanted if not _complete(
+        profile.layers.get(layer_key(model, seq_len, ranks, tp, b)), tp, stages.get(b, ()) if tp == 1 else ())]
     optimizers = [optimizer] if optimizer in PROFILED_OPTIMIZERS and \
         optimizer_key(optimizer, model, ranks, "flat") not in profile.optimizer_s_per_param else []
     if not missing and not optimizers:
         return False
-    layers, optim = measure(model, seq_len, ranks, missing or [next(iter(set(shapes)))], optimizers)
+    zero_missing = [(z, b) for z, b in zero_shapes if (1, b) in missing]
+    layers, optim = measure(model, seq_len, ranks, missing or [next(iter(wanted))], optimizers,
+                            zero_shapes=zero_missing)
     profile.layers.update(layers)
     profile.optimizer_s_per_param.update(optim)
     if save_to is not None:
