@@ -146,10 +146,9 @@ def time_tp_call(cfg: Any, seq_len: int, tp: int, b: int, group: Any, repeats: i
     forward, 2 in backward) run back to back, as a model's blocks run, against
     the local-shape block without them, also back to back: the difference of
     the medians ÷ 4. It is the collective plus the wait for the later rank,
-    which an idle-ranks α–β misses. (Timing the two in alternation made each
-    sharded step's first all-reduce absorb the ranks' drift over the whole
-    unsynchronised local step: 3 ms a call on ``small`` where training showed
-    about 0.6.)"""
+    which an idle-ranks α–β misses. (Timed in alternation, each sharded step's
+    first all-reduce also absorbed the ranks' drift over the unsynchronised
+    local step before it, which no training step has.)"""
     import dataclasses
 
     import torch

@@ -14,7 +14,8 @@ from pathlib import Path
 
 PROFILE_VERSION = 3
 """2: per-layer compute and optimizer profiles (``layers``, ``optimizer_s_per_param``), overlap fraction;
-3: the in-place TP all-reduce timed with the sharded block run back to back (``layer_profile.time_tp_call``)."""
+3: the in-place TP all-reduce timed with the sharded block run back to back (``layer_profile.time_tp_call``),
+ZeRO-2/3 timed in place (``layer_profile.time_zero``), layer shapes in interleaved rounds."""
 
 # Default α–β for GPUs without a calibrated profile (not measured; labelled as
 # such in every plan): NVLink inside a node, InfiniBand/RoCE across nodes.
