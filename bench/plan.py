@@ -140,7 +140,8 @@ def search_space_knobs(knobs: Any) -> list[Any]:
     from impl.model_config import PRESETS
 
     out = [knobs]
-    space = {"zero": sorted({0, knobs.zero}), "offload": ["none"], "checkpointing": ["none"]}
+    # ZeRO 0, 2 and 3 differ in what is measured (2 and 3: the in-place probe); 1 and offload do not
+    space = {"zero": [0, 2, 3], "offload": ["none"], "checkpointing": ["none"]}
     for overlay in candidates(knobs.resolved(), PRESETS[knobs.model], space=space):
         try:
             out.append(Knobs.model_validate(overlay))

@@ -188,6 +188,22 @@ def test_strategy_auto_cell_runs_the_best_plan_of_its_profile(tmp_path) -> None:
     assert "strategy_auto" in rec["techniques"]
 
 
+def test_shipped_suite_is_the_validated_matrix() -> None:
+    """suites/auto_parallel.yaml measures exactly the feasible plans of the space
+    the calibration test validates, each with its prediction, and one auto cell."""
+    from pathlib import Path
+
+    from bench.suite import load_suite
+
+    _, cells = load_suite(Path(__file__).parent.parent / "suites" / "auto_parallel.yaml")
+    manual = [c for c in cells if c.knobs.strategy == "manual"]
+    plans = search(BASE, _toy_profile(), memory_budget_bytes=None, why_not=_why_not, space=SPACE).plans
+    assert sorted(p.label() for p in plans) == sorted(c.plan["label"] for c in manual)
+    assert all(c.plan["predicted"]["step_time_s"] > 0 for c in cells)
+    (auto,) = [c for c in cells if c.knobs.strategy == "auto"]
+    assert auto.plan["considered"] > auto.plan["feasible"] > len(manual)
+
+
 def test_no_feasible_plan_is_an_error_naming_the_field(tmp_path) -> None:
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({
         "name": "auto-oom", "device_memory_gib": 0.001, "machine_profile": str(tmp_path / "p.json"),
