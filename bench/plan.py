@@ -50,7 +50,7 @@ def layer_profiler(profile: Any, save_to: Path | None, *, echo=None):
     every (tp, micro-batch) shape the feasible plans run that the profile lacks
     (``impl.auto_parallel.layer_profile``; one torchrun, saved with the profile,
     so each shape is measured once per machine)."""
-    from impl.auto_parallel.layer_profile import ensure_layer_profile
+    from impl.auto_parallel.layer_profile import ensure_layer_profile, zero_probed
 
     def prepare(plans: list[Any]) -> None:
         groups: dict[tuple, tuple[set[tuple[int, int]], set[tuple[int, int]]]] = {}
@@ -59,7 +59,7 @@ def layer_profiler(profile: Any, save_to: Path | None, *, echo=None):
             shapes, zero_shapes = groups.setdefault(key, (set(), set()))
             b = k.batch_size // (k.dp * k.microbatches)
             shapes.add((k.tp, b))
-            if k.zero >= 2 and k.dp == k.world_size:  # the ZeRO probe shards over every rank
+            if zero_probed(k):
                 zero_shapes.add((k.zero, b))
         for (model, seq_len, ranks, optimizer), (shapes, zero_shapes) in groups.items():
             if echo and profile.device == "cpu":

@@ -392,11 +392,12 @@ def zero_in_place(knobs: Any, cfg: Any, profile: MachineProfile) -> float | None
     a one-block decoder) scaled to this model by the ratio of the two models'
     α–β traffic per micro-batch. None without a probe of this shape (pure data
     parallel only: the in-house adapter has no ZeRO with tp or pp)."""
-    if knobs.zero < 2 or knobs.dp < 2 or knobs.tp > 1 or knobs.pp > 1:
-        return None
     import dataclasses
 
-    from impl.auto_parallel.layer_profile import ZERO_PROBE_LAYERS, zero_key
+    from impl.auto_parallel.layer_profile import ZERO_PROBE_LAYERS, zero_key, zero_probed
+
+    if not zero_probed(knobs):
+        return None
 
     b = knobs.batch_size // (knobs.dp * knobs.microbatches)
     probe = (profile.layer(knobs.model, knobs.seq_len, knobs.world_size, 1, b) or {}).get(zero_key(knobs.zero))

@@ -54,6 +54,12 @@ def layer_key(model: str, seq_len: int, ranks: int, tp: int, b: int) -> str:
     return f"{model}:{seq_len}:{ranks}:{tp}:{b}"
 
 
+def zero_probed(knobs: Any) -> bool:
+    """Whether a plan's ZeRO traffic is timed in place (``time_zero``): ZeRO-2/3
+    sharded over every rank (the in-house adapter has no ZeRO with tp or pp)."""
+    return knobs.zero >= 2 and knobs.dp >= 2 and knobs.dp == knobs.world_size
+
+
 def zero_key(stage: int) -> str:
     """The layer-entry field of ZeRO-``stage``'s in-place seconds per micro-batch of the probe (``time_zero``)."""
     return f"zero{stage}_probe_s"
@@ -164,15 +170,9 @@ def time_tp_call(cfg: Any, seq_len: int, tp: int, b: int, group: Any, repeats: i
     x = torch.randn(b, seq_len, cfg.dim, requires_grad=True)
     grad = torch.randn(b, seq_len, cfg.dim)
 
-    def step(block) -> float:
-        start = time.perf_counter()
-        block(x, cos, sin).backward(grad)
-        return time.perf_counter() - start
-
-    step(local)
-    local_s = statistics.median(step(local) for _ in range(repeats))
-    step(sharded)  # warm-up; it also brings the ranks into step
-    sharded_s = statistics.median(step(sharded) for _ in range(repeats))
+    local_s = _median_time(lambda: local(x, cos, sin).backward(grad), repeats)
+    # its warm-up call also brings the ranks into step
+    sharded_s = _median_time(lambda: sharded(x, cos, sin).backward(grad), repeats)
     return max(0.0, sharded_s - local_s) / 4
 
 
@@ -205,21 +205,15 @@ def time_zero(cfg: Any, seq_len: int, stage: int, b: int, group: Any, repeats: i
     tokens = torch.randint(0, cfg.vocab_size, (b, seq_len))
     targets = torch.randint(0, cfg.vocab_size, (b, seq_len))
 
-    def step(model: Any, clear: Any) -> float:
-        start = time.perf_counter()
-        lm_loss(model(tokens), targets).backward()  # the reduce-scatters finish inside (end-of-backward hook)
-        elapsed = time.perf_counter() - start
-        clear()
-        return elapsed
-
-    def clear_plain() -> None:
+    def plain_step() -> None:
         plain.zero_grad(set_to_none=True)
+        lm_loss(plain(tokens), targets).backward()
 
-    step(plain, clear_plain)
-    plain_s = statistics.median(step(plain, clear_plain) for _ in range(repeats))
-    step(sharded, zero.zero_grad)
-    sharded_s = statistics.median(step(sharded, zero.zero_grad) for _ in range(repeats))
-    return max(0.0, sharded_s - plain_s)
+    def zero_step() -> None:
+        zero.zero_grad()
+        lm_loss(sharded(tokens), targets).backward()  # the reduce-scatters finish inside (end-of-backward hook)
+
+    return max(0.0, _median_time(zero_step, repeats) - _median_time(plain_step, repeats))
 
 
 def time_optimizer(cfg: Any, optimizer: str, layout: str, repeats: int = REPEATS) -> float:
