@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench.suite import MAX_CELLS, SuiteError, load_suite
+from bench.config.suite import MAX_CELLS, SuiteError, load_suite
 
 console = Console(markup=False, highlight=False)
 err_console = Console(stderr=True, markup=False, highlight=False)
@@ -105,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_plan(args) -> int:
-    from bench.plan import cmd_plan as plan
+    from bench.plan.planner import cmd_plan as plan
 
     return plan(args, console)
 
 
 def cmd_calibrate(args) -> int:
-    from impl.auto_parallel.calibrate import calibrate, default_profile_path
+    from bench.plan.calibrate import calibrate, default_profile_path
 
     try:
         sizes = tuple(int(x) for x in args.ranks.split(","))
@@ -138,8 +138,8 @@ def cmd_validate(args) -> int:
     suite, cells = loaded
     from bench import adapters
 
-    from bench.fit import available_bytes, describe, fit_reason
-    from bench.knobs import Knobs
+    from bench.plan.fit import available_bytes, describe, fit_reason
+    from bench.config.knobs import Knobs
 
     console.print(f"{suite.name}: {len(cells)} cells (steps={suite.steps}, warmup={suite.warmup}, "
                   f"timeout_s={suite.timeout_s:g}, launcher={suite.launcher}, nodes={suite.nodes}"
@@ -164,8 +164,8 @@ def cmd_run(args) -> int:
     if loaded is None:
         return 2
     suite, cells = loaded
-    from bench.results import ResultsWriteError, RunInUse, check_run_id
-    from bench.runner import Runner
+    from bench.run.results import ResultsWriteError, RunInUse, check_run_id
+    from bench.run.runner import Runner
 
     run_id = args.resume or args.run_id
     try:
@@ -187,7 +187,7 @@ def cmd_run(args) -> int:
     except OSError as exc:
         err_console.print(f"error: results directory {results_root} is not writable: {exc}", soft_wrap=True)
         return 2
-    from bench.launch import make_launcher
+    from bench.run.launchers.choose import make_launcher
 
     if args.launcher:
         suite = suite.model_copy(update={"launcher": args.launcher})
@@ -240,8 +240,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from bench.report import write_report
-    from bench.results import resolve_results
+    from bench.analysis.report import write_report
+    from bench.run.results import resolve_results
 
     try:
         files = resolve_results(args.results)
@@ -260,8 +260,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from bench.explain import compare, config_diff, find_cell, page_name, write_page
-    from bench.results import read_records, resolve_results
+    from bench.analysis.explain import compare, config_diff, find_cell, page_name, write_page
+    from bench.run.results import read_records, resolve_results
 
     try:
         path = resolve_results(args.results)[-1]
@@ -292,7 +292,7 @@ def cmd_explain(args) -> int:
 def _check_report_names(results_file: Path) -> None:
     """The report's folder is named by the records' suite and run id: a record
     written by hand could otherwise steer it out of the reports root."""
-    from bench.results import check_run_id, check_suite_name, read_records
+    from bench.run.results import check_run_id, check_suite_name, read_records
 
     for rec in read_records(results_file):
         check_suite_name(rec.get("suite"))
@@ -301,8 +301,8 @@ def _check_report_names(results_file: Path) -> None:
 
 
 def cmd_compare(args) -> int:
-    from bench.compare import compare, html_page, markdown
-    from bench.results import resolve_results
+    from bench.analysis.compare import compare, html_page, markdown
+    from bench.run.results import resolve_results
 
     try:
         (base,), (cand,) = resolve_results(args.base), resolve_results(args.candidate)
@@ -323,7 +323,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_history(args) -> int:
-    from bench.history import write_history
+    from bench.analysis.history import write_history
 
     folder = Path(args.results_dir)
     thresholds = {"step_time_s": args.time_threshold, "tokens_per_s": args.time_threshold,
@@ -344,7 +344,7 @@ def cmd_history(args) -> int:
 def cmd_export(args) -> int:
     import pandas as pd
 
-    from bench.results import flatten, read_records, resolve_results
+    from bench.run.results import flatten, read_records, resolve_results
 
     rows = [flatten(r) for f in resolve_results(args.results) for r in read_records(f)]
     frame = pd.DataFrame(rows)
@@ -383,7 +383,7 @@ def cmd_theory(args) -> int:
 
 def cmd_list(args) -> int:
     from bench import adapters
-    from bench.techniques import TECHNIQUES
+    from bench.config.techniques import TECHNIQUES
 
     table = Table(title="adapter × technique (ok | cpu-only/cuda-only | unsupported: reason)")
     table.add_column("technique")
@@ -409,7 +409,7 @@ def cmd_list(args) -> int:
 
 def cmd_doctor(args) -> int:
     from bench import adapters
-    from bench.results import environment
+    from bench.run.results import environment
 
     env = environment()
     console.print(f"host {env['host']}, cpu {env['cpu']} × {env['cpu_count']}, python {env['versions']['python']}", highlight=False)

@@ -444,7 +444,7 @@ def tp_comm_bytes(cfg: Any, *, b: int, s: int, tp: int, dp: int = 1, sequence_pa
 def pp_tp_comm_by_rank(cfg: Any, *, b: int, s: int, tp: int, pp: int, microbatches: int, virtual_stages: int = 1,
                        dp: int = 1, sequence_parallel: bool = False, bytes_per_value: int = 4) -> list[float]:
     """Bus bytes per step of each pipeline rank (any tp rank: they are alike) of
-    a dp × tp × pp grid (``bench.adapters.inhouse_pp`` with tp > 1): every stage
+    a dp × tp × pp grid (``bench.adapters.inhouse.pipeline`` with tp > 1): every stage
     Megatron-sharded, cut by parameters exactly as ``impl.pipeline.partition_model``
     cuts the sharded model, b sequences per replica. A rank sums over its stages:
 

@@ -30,7 +30,7 @@ name=$("$BIN/python" -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1])
 import sys
 from pathlib import Path
 
-from bench.results import read_records, resolve_results
+from bench.run.results import read_records, resolve_results
 
 records = list(read_records(resolve_results(Path(sys.argv[1]))[0]))
 ok = [r for r in records if r["status"] == "ok"]

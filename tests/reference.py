@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.workload import global_batch, torch_optimizer
+from bench.workloads.train import global_batch, torch_optimizer
 from impl.model import build_model, lm_loss, model_config
 
 

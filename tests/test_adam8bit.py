@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import impl.optim.adam8bit as adam8bit_mod
-from bench.workload import BETAS, EPS, LR, WEIGHT_DECAY, global_batch
+from bench.workloads.train import BETAS, EPS, LR, WEIGHT_DECAY, global_batch
 from impl.model import build_model, lm_loss, model_config, total_params
 from impl.optim.adam8bit import Adam8bit, state_bytes
 from impl.optim.quantization import create_dynamic_map, dequantize_blockwise, quantize_blockwise, roundtrip_bound

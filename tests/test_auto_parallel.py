@@ -1,4 +1,4 @@
-"""Auto-parallelism (impl/auto_parallel, bench/plan.py): the planner's cost model
+"""Auto-parallelism (bench/plan, bench/plan/planner.py): the planner's cost model
 against measurements on a CPU matrix where every feasible plan of a narrowed
 space is run through the real `bench run`, a `strategy: auto` cell resolved
 before launch, `bench plan` on a GPU target, and published memory figures.
@@ -21,15 +21,15 @@ import math
 import pytest
 import yaml
 
-from bench.fit import predict_device_bytes
-from bench.knobs import Knobs
-from bench.plan import validation
+from bench.plan.fit import predict_device_bytes
+from bench.config.knobs import Knobs
+from bench.plan.planner import validation
 from bench.theory import activation_bytes_per_layer, model_state_bytes
-from impl.auto_parallel.calibrate import calibrate, fit_alpha_beta
-from impl.auto_parallel.cost_model import estimate, stage_times, tp_call_extra, zero_in_place
-from impl.auto_parallel.layer_profile import zero_key
-from impl.auto_parallel.profile import MachineProfile, default_gpu_profile
-from impl.auto_parallel.search import search
+from bench.plan.calibrate import calibrate, fit_alpha_beta
+from bench.plan.cost_model import estimate, stage_times, tp_call_extra, zero_in_place
+from bench.plan.layer_profile import zero_key
+from bench.plan.machine import MachineProfile, default_gpu_profile
+from bench.plan.search import search
 from impl.model_config import PRESETS, total_params
 from tests.conftest import bench, records
 
@@ -193,7 +193,7 @@ def test_shipped_suite_is_the_validated_matrix() -> None:
     the calibration test validates, each with its prediction, and one auto cell."""
     from pathlib import Path
 
-    from bench.suite import load_suite
+    from bench.config.suite import load_suite
 
     _, cells = load_suite(Path(__file__).parent.parent / "suites" / "auto_parallel.yaml")
     manual = [c for c in cells if c.knobs.strategy == "manual"]
@@ -250,7 +250,7 @@ def test_cost_model_components_follow_the_theory() -> None:
     psi = total_params(PRESETS["small"])
     assert dp.comm_bus_bytes == pytest.approx(2 * psi * 4 / 2)
     assert estimate(k(zero=3), p).comm_bus_bytes == pytest.approx(3 * psi * 4 / 2)
-    # memory: model state is bench.fit's, checkpointing keeps only block inputs
+    # memory: model state is bench.plan.fit's, checkpointing keeps only block inputs
     assert dp.state_bytes == predict_device_bytes(k()).state_bytes
     assert ck.activation_bytes < dp.activation_bytes / 10
 
@@ -280,7 +280,7 @@ def test_zero_backward_walk_mirrors_impl_zero() -> None:
     """The walk uses impl.zero's in-flight bound; under accumulation the ZeRO-3
     peak is in the backward (gradient shards of earlier micro-batches + the
     reduce-scatter working set), with one micro-batch at the loss."""
-    from impl.auto_parallel.cost_model import ZERO_RS_IN_FLIGHT, memory, zero_unit_numels
+    from bench.plan.cost_model import ZERO_RS_IN_FLIGHT, memory, zero_unit_numels
     from impl.zero import MAX_INFLIGHT_RS
 
     cfg = PRESETS["small"]

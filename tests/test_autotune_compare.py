@@ -1,4 +1,4 @@
-"""The planner's choice against DeepSpeed's autotuner (bench/autotune_compare.py).
+"""The planner's choice against DeepSpeed's autotuner (bench/plan/autotune_compare.py).
 
 Per commit: the reader of the autotuner's results folder, on the files one real
 run wrote (tests/data/autotune_results/, trimmed to what is read), and the
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.autotune_compare import autotuner_config, base_cell, compare, format_table, read_results, space
+from bench.plan.autotune_compare import autotuner_config, base_cell, compare, format_table, read_results, space
 
 DATA = Path(__file__).parent / "data" / "autotune_results"
 BASE = base_cell("small", 2, 8, 128)

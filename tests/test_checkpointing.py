@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from bench.meters.activations import activation_values_per_layer, saved_activation_bytes
 from bench.meters.memory import CpuPeakTracker
-from bench.workload import global_batch
+from bench.workloads.train import global_batch
 from impl.checkpointing import apply_activation_checkpointing, is_checkpointed
 from impl.model import build_model, lm_loss, model_config
 

@@ -94,8 +94,8 @@ def test_torch_fsdp_plugin_traffic_is_fsdp1s(recs):
 
 
 def test_fsdp1_and_hybrid_limits_are_decided_before_launch():
-    from bench.adapters.colossalai_adapter import ColossalAIAdapter
-    from bench.knobs import Knobs
+    from bench.adapters.colossalai.adapter import ColossalAIAdapter
+    from bench.config.knobs import Knobs
 
     adapter = ColossalAIAdapter()
     cell = {"adapter": "colossalai", "world_size": 2, "strategy": "fsdp1"}
@@ -110,7 +110,7 @@ def test_fsdp1_and_hybrid_limits_are_decided_before_launch():
 
 
 def test_report_marks_patched_cells(recs):
-    from bench.report.build import frame, support_matrix
+    from bench.analysis.report.build import frame, support_matrix
 
     rows = {row["technique"]: row["cells"][0]["text"] for row in support_matrix(list(recs.values()))["rows"]}
     assert rows["strategy_fsdp1"] == "ok (patched)" and rows["optimizer_lars"] == "ok"
@@ -124,8 +124,8 @@ def test_llama_copy_has_the_decoders_logits():
     rotate-half RoPE on permuted q/k rows equals our interleaved pairs."""
     import torch
 
-    from bench.adapters.colossalai_hf import to_llama
-    from bench.workload import global_batch
+    from bench.adapters.colossalai.hf_model import to_llama
+    from bench.workloads.train import global_batch
 
     cfg = model_config("tiny")
     ours = build_model(cfg, 0)

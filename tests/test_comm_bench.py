@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.suite import SuiteError, parse_suite
+from bench.config.suite import SuiteError, parse_suite
 from tests.conftest import bench, records
 
 SUITE = """
@@ -62,7 +62,7 @@ def test_workload_rejects_other_adapters():
 
 
 def test_comm_suite_validates():
-    from bench.suite import load_suite
+    from bench.config.suite import load_suite
     from tests.conftest import ROOT
 
     _, cells = load_suite(ROOT / "suites" / "comm.yaml")

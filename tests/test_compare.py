@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bench.compare import compare, match_key
+from bench.analysis.compare import compare, match_key
 from tests.conftest import bench
 
 SUITE = """

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from bench import adapters
-from bench.adapters.deepspeed_pipeline import ZERO_REASON, why_not_pipeline
-from bench.knobs import Knobs
+from bench.adapters.deepspeed.pipeline import ZERO_REASON, why_not_pipeline
+from bench.config.knobs import Knobs
 from impl.model import build_model, model_config
 from tests.conftest import run_suite
 from tests.reference import reference_losses

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from bench.compare import match_key
-from bench.history import build_series, detect_steps, history, load_runs, noise_sigma
+from bench.analysis.compare import match_key
+from bench.analysis.history import build_series, detect_steps, history, load_runs, noise_sigma
 from tests.conftest import bench
 from tests.test_report_and_export import GOLDEN
 

@@ -22,7 +22,7 @@ import statistics
 
 import pytest
 
-from bench.knobs import Knobs
+from bench.config.knobs import Knobs
 from bench.theory import bubble_fraction, pipeline_p2p_bytes
 from impl.model import build_model, model_config
 from impl.pipeline import partition_layers, partition_model
@@ -380,7 +380,7 @@ def test_bubble_within_ten_percent_of_theory_for_the_measured_stage_times(tmp_pa
     timelines. The `small` preset's 4 blocks cannot be cut into equal stages (the head + loss
     costs about one block), so (p−1)/m is printed, not asserted; the theory for the measured
     stage times must hold within 10 %."""
-    from bench.report.pipeline import pipeline_bubble_rows
+    from bench.analysis.report.pipeline import pipeline_bubble_rows
 
     text = (ROOT / "suites" / "pipeline_bubble.yaml").read_text()
     text = "\n".join(line for line in text.splitlines() if "world_size: 4" not in line) + "\n"

@@ -1,4 +1,4 @@
-"""Pre-launch memory fit (bench.fit): with `device_memory_gib` set, a cell whose
+"""Pre-launch memory fit (bench.plan.fit): with `device_memory_gib` set, a cell whose
 predicted bytes exceed it is recorded `unsupported` without launching, and
 `bench validate` shows the prediction; a cell that fits runs, and its measured
 peak is at least the prediction (which is a lower bound)."""
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.fit import GIB, fit_reason, predict_device_bytes
-from bench.knobs import Knobs
+from bench.plan.fit import GIB, fit_reason, predict_device_bytes
+from bench.config.knobs import Knobs
 from bench.theory import model_state_bytes
 from impl.model_config import PRESETS, total_params
 from tests.conftest import bench, records

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.report.build import checkpointing_rows, optimizer_state_rows
+from bench.analysis.report.build import checkpointing_rows, optimizer_state_rows
 from tests.conftest import bench, run_suite
 
 # warmup 12 > freeze_step 10: the metered step and the timed steps of the 1-bit

@@ -11,7 +11,7 @@ import torch
 
 from bench import theory
 from bench.meters.memory import model_state_bytes
-from bench.workload import global_batch, torch_optimizer
+from bench.workloads.train import global_batch, torch_optimizer
 from impl.mixed_precision import DynamicLossScaler, MasterWeightOptimizer, autocast_context
 from impl.model import build_model, lm_loss, model_config, total_params
 

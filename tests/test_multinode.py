@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.launch import MultiNodeTorchrun, make_launcher
-from bench.suite import SuiteError, parse_suite
+from bench.run.launchers.choose import make_launcher
+from bench.run.launchers.torchrun import MultiNodeTorchrun
+from bench.config.suite import SuiteError, parse_suite
 from tests.conftest import bench, records
 
 CELL = "defaults: {model: tiny, world_size: 2, batch_size: 4, seq_len: 16}\n"
@@ -72,7 +73,7 @@ def test_node_commands_share_one_rendezvous(tmp_path) -> None:
     args = dict(a.split("=", 1) for a in cmds[0] if a.startswith("--") and "=" in a)
     assert args == {"--nnodes": "2", "--nproc-per-node": "4", "--rdzv-backend": "c10d",
                     "--rdzv-endpoint": "head:29500", "--rdzv-id": "run1-abc"}
-    assert cmds[0][-3:] == ["-m", "bench.worker", str(payload)]
+    assert cmds[0][-3:] == ["-m", "bench.run.worker", str(payload)]
     sim = make_launcher(suite, simulate_nodes=True)
     assert sim.node_ranks == (0, 1)
     hosts = [[a for a in sim.command(payload, r) if a.startswith("--rdzv-conf")] for r in (0, 1)]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.workload import global_batch, optimizer_spec
+from bench.workloads.train import global_batch, optimizer_spec
 from impl.model import build_model, lm_loss, model_config
 from impl.optim.adafactor import Adafactor, state_numel_bound
 from impl.optim.lamb import Lamb

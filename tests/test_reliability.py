@@ -16,9 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench.launch import LocalTorchrun
-from bench.results import ResultsWriteError, RunFile, RunInUse, read_records
-from bench.suite import SuiteError, parse_suite
+from bench.run.launchers.torchrun import LocalTorchrun
+from bench.run.results import ResultsWriteError, RunFile, RunInUse, read_records
+from bench.config.suite import SuiteError, parse_suite
 from tests.conftest import ROOT, bench
 
 # Cells an adapter refuses before launch (DeepSpeed 0.19.8 dropped OneBitAdam):
@@ -187,7 +187,7 @@ def test_concurrent_runs_into_one_results_folder(tmp_path):
 def test_lock_is_released_when_its_holder_dies(tmp_path):
     run = RunFile(tmp_path, "s", "r")
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from bench.results import RunFile; "
+        "import sys, time; from pathlib import Path; from bench.run.results import RunFile; "
         f"run = RunFile(Path({str(tmp_path)!r}), 's', 'r'); held = run.lock(); held.__enter__(); print('held', flush=True); time.sleep(60)")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -237,7 +237,7 @@ def test_report_refuses_record_names_that_leave_the_reports_root(tmp_path):
 
 
 def test_names_are_escaped_in_the_report_page(tmp_path):
-    from bench.report import write_report
+    from bench.analysis.report import write_report
 
     lines = (ROOT / "tests" / "data" / "smoke-golden.jsonl").read_text().splitlines()
     recs = [{**json.loads(line), "suite": "s<i>x", "run_id": "r&<b>", "adapter": "<img src=x>"} for line in lines]
@@ -275,7 +275,7 @@ def test_local_rendezvous_listens_only_on_loopback(tmp_path):
         while time.time() < deadline and (seen_all_at is None or time.time() < seen_all_at + 1.0):
             for p in psutil.Process(runner.pid).children(recursive=True):
                 try:
-                    role = "agent" if "bench.launch" in p.cmdline() else "rank"
+                    role = "agent" if "bench.run.launchers.torchrun" in p.cmdline() else "rank"
                     for conn in p.net_connections(kind="inet"):
                         if conn.status == psutil.CONN_LISTEN:
                             listening[(p.pid, conn.laddr.ip, conn.laddr.port)] = role

@@ -40,7 +40,7 @@ def test_report_renders_every_cell_and_escapes_names(tmp_path):
 
 def test_report_does_not_import_torch(tmp_path):
     results = _with_hostile_record(tmp_path)
-    code = ("import sys; from bench.report import write_report; from pathlib import Path; "
+    code = ("import sys; from bench.analysis.report import write_report; from pathlib import Path; "
             f"write_report(Path({str(results)!r}), Path({str(tmp_path / 'r')!r})); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

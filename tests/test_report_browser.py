@@ -119,7 +119,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_report_renders_in_headless_chromium(chromium, tmp_path):
-    from bench.report import write_report
+    from bench.analysis.report import write_report
 
     page = write_report(GOLDEN, tmp_path / "reports")
     result = check_page(chromium, page, tmp_path)
@@ -159,7 +159,7 @@ def test_probe_catches_broken_images_and_script_errors(chromium, tmp_path):
 
 
 def test_history_page_renders_in_headless_chromium(chromium, tmp_path):
-    from bench.history import write_history
+    from bench.analysis.history import write_history
     from tests.test_history import write_runs
 
     write_runs(tmp_path / "smoke", 6, seed=0, time_factor=lambda cell, run: 1.3 if cell == 0 and run >= 3 else 1.0)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 import json
 
-from bench.report.build import support_matrix
-from bench.report.plots import loss_parity_plots, pipeline_timeline_plots, scaling_plots
+from bench.analysis.report.build import support_matrix
+from bench.analysis.report.plots import loss_parity_plots, pipeline_timeline_plots, scaling_plots
 from tests.test_report_and_export import GOLDEN
 
 
@@ -62,7 +62,7 @@ def test_pipeline_timeline_drawn_from_the_notes():
 
 
 def test_adapter_ratios_pair_cells_that_differ_only_in_adapter():
-    from bench.report.adapter_ratios import adapter_ratio_rows
+    from bench.analysis.report.adapter_ratios import adapter_ratio_rows
 
     records = _records()
     rows = adapter_ratio_rows(records)

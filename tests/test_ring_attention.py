@@ -9,7 +9,7 @@ import re
 import pytest
 
 from bench import adapters
-from bench.suite import SuiteError, load_suite, parse_suite
+from bench.config.suite import SuiteError, load_suite, parse_suite
 from bench.theory import ring_sp_comm_bytes
 from impl.model import model_config
 from impl.model_config import total_params

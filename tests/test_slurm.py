@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.suite import SuiteError, parse_suite
+from bench.config.suite import SuiteError, parse_suite
 from tests.conftest import ROOT
 
 SUITE = """
@@ -102,7 +102,7 @@ def test_srun_runs_torchrun_over_the_nodes(dry_run) -> None:
         assert args == {"--nnodes": "$SLURM_NNODES", "--nproc-per-node": "4", "--rdzv-backend": "c10d",
                         "--rdzv-endpoint": "$head:29511", "--rdzv-id": f"dry1-{path.parent.name}"}
         payload = Path(srun[-1])
-        assert srun[-3:-1] == ["-m", "bench.worker"] and payload == path.parent.resolve() / "payload.json"
+        assert srun[-3:-1] == ["-m", "bench.run.worker"] and payload == path.parent.resolve() / "payload.json"
         assert payload.exists()
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench.workload import global_batch, optimizer_spec
+from bench.workloads.train import global_batch, optimizer_spec
 from impl.model import build_model, lm_loss, model_config
 from impl.model_config import matmul_params
 from impl.sparse_attention import dense_masked_attention
@@ -116,7 +116,7 @@ def test_seq_len_must_be_a_multiple_of_the_block(write_suite):
 
 
 def test_scaling_fit_recovers_exponents():
-    from bench.report.scaling_fit import fit_exponent, scaling_rows
+    from bench.analysis.report.scaling_fit import fit_exponent, scaling_rows
 
     def rec(attention, seq, t, mem):
         return {"status": "ok", "adapter": "inhouse", "config": {"attention": attention, "seq_len": seq,

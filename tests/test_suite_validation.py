@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bench.suite import SuiteError, parse_suite
+from bench.config.suite import SuiteError, parse_suite
 from tests.conftest import ROOT, bench
 
 GOOD = """
@@ -97,7 +97,7 @@ def test_ids_are_stable_across_processes() -> None:
     again = [c.id for c in parse_suite(GOOD)[1]]
     assert [c.id for c in cells] == again
     assert len(set(again)) == len(again) == 4
-    code = "from bench.suite import parse_suite; import sys; print(' '.join(c.id for c in parse_suite(sys.stdin.read())[1]))"
+    code = "from bench.config.suite import parse_suite; import sys; print(' '.join(c.id for c in parse_suite(sys.stdin.read())[1]))"
     out = subprocess.run([sys.executable, "-c", code], input=GOOD, capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split() == again
     # Spelling a default explicitly does not change the id (ids hash resolved knobs).
@@ -122,7 +122,7 @@ def test_validate_prints_cells(tmp_path) -> None:
 def test_every_shipped_suite_validates_and_the_gpu_check_parses():
     """Each suite under suites/ (the GPU ones included, validated here on CPU)
     loads and expands; scripts/gpu_check.sh is valid bash."""
-    from bench.suite import load_suite
+    from bench.config.suite import load_suite
 
     for path in sorted((ROOT / "suites").glob("*.yaml")):
         _, cells = load_suite(path)

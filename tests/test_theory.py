@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from bench import theory
-from bench.knobs import Knobs
+from bench.config.knobs import Knobs
 from tests.conftest import bench
 
 

@@ -11,8 +11,8 @@ import re
 import pytest
 import yaml
 
-from bench.adapters.inhouse_tp2d import why_not_tp2d
-from bench.knobs import Knobs
+from bench.adapters.inhouse.tp2d import why_not_tp2d
+from bench.config.knobs import Knobs
 from bench.theory import tp2d_comm_bytes, tp2d_param_shapes
 from impl.model import model_config
 from tests.conftest import ROOT, run_suite

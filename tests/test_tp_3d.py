@@ -10,7 +10,7 @@ import re
 import pytest
 import yaml
 
-from bench.knobs import Knobs
+from bench.config.knobs import Knobs
 from bench.theory import tp3d_comm_bytes, tp3d_local_params
 from impl.model import model_config
 from impl.model_config import matmul_params

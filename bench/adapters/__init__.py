@@ -7,10 +7,10 @@ import importlib
 from bench.adapters.base import Adapter, Capabilities, TrainStep, Unsupported
 
 _REGISTRY: dict[str, str] = {
-    "inhouse": "bench.adapters.inhouse:InhouseAdapter",
-    "torch": "bench.adapters.torch_native:TorchAdapter",
-    "deepspeed": "bench.adapters.deepspeed_adapter:DeepSpeedAdapter",
-    "colossalai": "bench.adapters.colossalai_adapter:ColossalAIAdapter",
+    "inhouse": "bench.adapters.inhouse.adapter:InhouseAdapter",
+    "torch": "bench.adapters.torch.adapter:TorchAdapter",
+    "deepspeed": "bench.adapters.deepspeed.adapter:DeepSpeedAdapter",
+    "colossalai": "bench.adapters.colossalai.adapter:ColossalAIAdapter",
 }
 _cache: dict[str, Adapter] = {}
 

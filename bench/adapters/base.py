@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from bench.knobs import Knobs
-from bench.techniques import BY_NAME, used_by
+from bench.config.knobs import Knobs
+from bench.config.techniques import BY_NAME, used_by
 
 if TYPE_CHECKING:
     import torch
 
-    from bench.workload import Batch
+    from bench.workloads.train import Batch
     from impl.model import Decoder
     from impl.parallel_dims import ParallelDims
 
@@ -25,7 +25,7 @@ ALL_DEVICES = frozenset({"cpu", "cuda"})
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What an adapter runs, per technique name (see ``bench.techniques``).
+    """What an adapter runs, per technique name (see ``bench.config.techniques``).
 
     ``runs`` maps a technique to the devices it runs on; ``reasons`` says why a
     technique is absent, or why it is missing on some device."""

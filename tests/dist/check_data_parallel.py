@@ -9,7 +9,7 @@ from tests.dist._exit import finish
 from torch.testing import assert_close
 
 from bench.meters.comm import CommMeter
-from bench.workload import global_batch, local_batch
+from bench.workloads.train import global_batch, local_batch
 from impl.data_parallel import apply_data_parallel
 from impl.model import build_model, lm_loss, model_config
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tests.dist._exit import finish
 
 from bench.meters.comm import CommMeter
-from bench.workload import BETAS, EPS, LR, WEIGHT_DECAY, global_batch, local_batch
+from bench.workloads.train import BETAS, EPS, LR, WEIGHT_DECAY, global_batch, local_batch
 from impl.compressed_allreduce import compressed_allreduce
 from impl.model import build_model, lm_loss, model_config
 from impl.optim.onebit import OneBitAdam, OneBitLamb, onebit_bus_bytes_per_step

@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from tests.dist._exit import finish
 
-from bench.adapters.inhouse_optimizers import make_optimizer
-from bench.workload import global_batch, local_batch
+from bench.adapters.inhouse.optimizers import make_optimizer
+from bench.workloads.train import global_batch, local_batch
 from impl.model import build_model, lm_loss, model_config
 from impl.parallel_dims import ParallelDims
 from impl.pipeline import P2P, PipelineStage, build_stages, partition_model

@@ -21,7 +21,7 @@ from tests.dist._exit import finish
 from tests.reference import reference_run
 
 from bench.meters.comm import CommMeter
-from bench.workload import LR, global_batch, local_batch, torch_optimizer
+from bench.workloads.train import LR, global_batch, local_batch, torch_optimizer
 from impl.data_parallel import apply_data_parallel
 from impl.model import build_model, lm_loss, model_config
 from impl.parallel_dims import ParallelDims

@@ -19,11 +19,11 @@ from torch.testing import assert_close
 from tests.dist._exit import finish
 from tests.reference import reference_run
 
-from bench.adapters.inhouse_tp3d import build_tp3d
-from bench.knobs import Knobs
+from bench.adapters.inhouse.tp3d import build_tp3d
+from bench.config.knobs import Knobs
 from bench.meters.comm import CommMeter
 from bench.theory import tp3d_comm_bytes, tp3d_local_params
-from bench.workload import LR, global_batch
+from bench.workloads.train import LR, global_batch
 from impl.model import build_model, model_config
 from impl.parallel_dims import ParallelDims
 from impl.tensor_parallel_3d import Linear3D, _block_index, new_cube

@@ -10,7 +10,7 @@ from tests.dist._exit import finish
 
 from bench.meters.memory import model_state_bytes
 from bench.theory import model_state_bytes as predicted
-from bench.workload import global_batch, local_batch, torch_optimizer
+from bench.workloads.train import global_batch, local_batch, torch_optimizer
 from impl.model import build_model, lm_loss, model_config, total_params
 from impl.zero import apply_zero
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from tests.dist._exit import finish
 
-from bench.workload import global_batch, local_batch, torch_optimizer
+from bench.workloads.train import global_batch, local_batch, torch_optimizer
 from impl.mixed_precision import DynamicLossScaler
 from impl.model import build_model, lm_loss, model_config
 from impl.zero import apply_zero

@@ -1,0 +1,1 @@
+"""The `colossalai` adapter: the Booster with TorchDDP, TorchFSDP and HybridParallel plugins."""

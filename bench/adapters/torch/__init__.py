@@ -1,0 +1,1 @@
+"""The `torch` adapter: DDP, ZeroRedundancyOptimizer, FSDP1/FSDP2, DTensor TP and torch.distributed.pipelining."""

@@ -1,0 +1,1 @@
+"""Reading results (never torch or impl/): the HTML report, compare, history, explain."""

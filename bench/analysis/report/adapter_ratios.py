@@ -1,0 +1,57 @@
+"""The report's "same cell, different framework" table: for every configuration
+that ran ok under two or more adapters, each adapter's step time, peak memory
+and communication per step beside the reference adapter's, as ratios.
+
+The reference is the in-house adapter when it ran the cell (TrainBench's own
+implementation, checked against theory), else the first adapter in name
+order. Ratios come from one run, measured the same way for every adapter, so
+they are the comparable figures; absolute times on a shared CPU are not.
+The final-loss difference is relative to the reference's final loss.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from bench.analysis.report.labels import cell_label, config_key
+
+REFERENCE_ADAPTER = "inhouse"
+
+
+def adapter_ratio_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in records:
+        if r["status"] == "ok" and r.get("metrics"):
+            groups[config_key(r["config"], ("adapter",))].setdefault(r["adapter"], r)
+    rows = []
+    for by_adapter in groups.values():
+        if len(by_adapter) < 2:
+            continue
+        ref_name = REFERENCE_ADAPTER if REFERENCE_ADAPTER in by_adapter else min(by_adapter)
+        ref = by_adapter[ref_name]
+        label = cell_label(ref["config"], drop=("adapter",))
+        for name in sorted(by_adapter, key=lambda a: (a != ref_name, a)):
+            rows.append(_row(label, name, ref_name, by_adapter[name]["metrics"], ref["metrics"]))
+    return sorted(rows, key=lambda row: row["cell"])
+
+
+def _row(label: str, adapter: str, reference: str, m: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    def ratio(key: str) -> float | None:
+        a, b = m.get(key), ref.get(key)
+        return a / b if a is not None and b else None
+
+    loss, ref_loss = _final_loss(m), _final_loss(ref)
+    return {
+        "cell": label, "adapter": adapter, "reference": reference, "is_reference": adapter == reference,
+        "step_time_ms": m["step_time_median_s"] * 1e3 if m.get("step_time_median_s") is not None else None,
+        "time_ratio": ratio("step_time_median_s"),
+        "peak_mem_mib": m["peak_mem_bytes"] / 2**20 if m.get("peak_mem_bytes") else None,
+        "mem_ratio": ratio("peak_mem_bytes"),
+        "comm_mib": m["comm_bytes_per_step"] / 2**20 if m.get("comm_bytes_per_step") is not None else None,
+        "comm_ratio": ratio("comm_bytes_per_step"),
+        "loss_rel_diff": abs(loss - ref_loss) / abs(ref_loss) if loss is not None and ref_loss else None,
+    }
+
+
+def _final_loss(metrics: dict[str, Any]) -> float | None:
+    return next((v for v in reversed(metrics.get("losses") or []) if v is not None), None)

@@ -1,0 +1,204 @@
+"""One self-contained HTML page per run: environment, results table, plots,
+measured ÷ theory, failures with reasons. Images are inlined (no network)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from bench.analysis.explain import breakdown_plot, explain_pages
+from bench.config.knobs import Knobs
+from bench.plan.planner import validation as planner_validation
+from bench.analysis.report.adapter_ratios import adapter_ratio_rows
+from bench.analysis.report.labels import DEFAULTS, cell_label, config_key
+from bench.analysis.report.plots import (busbw_plot, loss_parity_plots, metric_plot, pipeline_timeline_plots, scaling_plots,
+                                step_plot)
+from bench.analysis.report.pipeline import BUBBLE_TOLERANCE, pipeline_bubble_rows
+from bench.analysis.report.scaling_fit import scaling_fit_plot, scaling_rows
+from bench.run.results import read_records
+
+THEORY_TOLERANCE = {"comm_bytes_per_step": 0.01, "model_state_total": 0.05}
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("bench.analysis.report", "templates"),
+    autoescape=jinja2.select_autoescape(["html", "j2"]),
+    undefined=jinja2.StrictUndefined,
+)
+
+
+def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        m, c = r.get("metrics") or {}, r["config"]
+        knobs = {k: c[k] for k in ("world_size", "dp", "tp", "pp", "zero", "precision", "optimizer", "microbatches")}
+        rows.append({
+            "cell": r["cell_id"], "adapter": r["adapter"], "status": r["status"], "reason": r.get("reason") or "",
+            "label": f"{r['adapter']} {cell_label(c)}" + (" [patched]" if (r.get("notes") or {}).get("patched") else ""),
+            **knobs,
+            "step_time_ms": m.get("step_time_median_s", float("nan")) * 1e3 if m else float("nan"),
+            "tokens_per_s": m.get("tokens_per_s") if m else None,
+            "mfu_pct": (m["mfu"] * 100) if m and m.get("mfu") is not None else None,
+            "peak_mem_mib": (m["peak_mem_bytes"] / 2**20) if m and m.get("peak_mem_bytes") else None,
+            "peak_rss_mib": (m["peak_rss_bytes"] / 2**20) if m and m.get("peak_rss_bytes") else None,
+            "comm_mib_per_step": (m["comm_bytes_per_step"] / 2**20) if m else None,
+            "final_loss": next((l for l in reversed(m.get("losses") or []) if l is not None), None) if m else None,
+            "fixed_cost_s": (r.get("timing") or {}).get("fixed_cost_s"),
+            "group": technique_group(r),
+        })
+    return pd.DataFrame(rows)
+
+
+def technique_group(record: dict[str, Any]) -> str:
+    """The group a cell is plotted under: its first non-baseline technique's group."""
+    from bench.config.techniques import BY_NAME
+
+    groups = [BY_NAME[t].group for t in techniques_of(record) if t in BY_NAME
+              and t not in ("data_parallel", "optimizer_adamw")]
+    return groups[0] if groups else "baseline"
+
+
+def techniques_of(record: dict[str, Any]) -> list[str]:
+    """The record's techniques (older records: derived from its config)."""
+    if record.get("techniques") is not None:
+        return record["techniques"]
+    from bench.config.techniques import used_by
+
+    try:
+        return used_by(Knobs.model_validate({k: v for k, v in record["config"].items() if k in DEFAULTS}))
+    except ValueError:
+        return []
+
+
+def support_matrix(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Adapter × technique as this run found it: ok, or the status and reason of
+    the cells that used it (from the records alone; no adapter is imported)."""
+    adapters = sorted({r["adapter"] for r in records})
+    techniques = sorted({t for r in records for t in techniques_of(r)})
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in records:
+        for t in techniques_of(r):
+            entry = cells.setdefault((r["adapter"], t), {"ok": 0, "other": [], "patched": 0})
+            if r["status"] == "ok":
+                entry["ok"] += 1
+                entry["patched"] += bool((r.get("notes") or {}).get("patched"))
+            else:
+                entry["other"].append(f"{r['status']}: {r.get('reason') or ''}")
+    rows = []
+    for t in techniques:
+        row = {"technique": t, "cells": []}
+        for a in adapters:
+            e = cells.get((a, t))
+            if e is None:
+                row["cells"].append({"text": "—", "cls": "", "title": "not in this run"})
+            elif e["ok"] and not e["other"]:
+                # Patched: the framework ran only after TrainBench monkeypatched it (record notes.patches).
+                patched = f" ({e['patched']} patched)" if e["patched"] else ""
+                row["cells"].append({"text": "ok (patched)" if e["patched"] else "ok", "cls": "ok",
+                                     "title": f"{e['ok']} cell(s) ok{patched}"})
+            else:
+                text = ("ok* (patched)" if e["patched"] else "ok*") if e["ok"] else e["other"][0].split(":")[0]
+                row["cells"].append({"text": text, "cls": "warn", "title": " | ".join(e["other"])[:600]})
+        rows.append(row)
+    return {"adapters": adapters, "rows": rows}
+
+
+def theory_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        for key, ratio in (r.get("theory_ratio") or {}).items():
+            if ratio is None:
+                continue
+            tol = THEORY_TOLERANCE.get(key)
+            notes = r.get("notes") or {}
+            why = notes.get("comm_vs_theory") if key.startswith("comm") else notes.get("model_state_vs_theory")
+            rows.append({"cell": r["cell_id"], "adapter": r["adapter"], "quantity": key, "ratio": ratio,
+                         "tolerance": tol, "out_of_tolerance": tol is not None and abs(ratio - 1) > tol,
+                         "explained": why or ""})
+    return rows
+
+
+def optimizer_state_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Optimizer-state bytes per parameter held on a rank, measured and predicted
+    (8-bit Adam ≈ 2, Adam 8, Adafactor O(n+m) per n×m matrix; DESIGN.md)."""
+    rows = []
+    for r in records:
+        m, t, c = r.get("metrics") or {}, r.get("theory") or {}, r["config"]
+        measured = (m.get("model_state_bytes") or {}).get("optimizer")
+        predicted = (t.get("model_state_bytes") or {}).get("optimizer")
+        if r["status"] != "ok" or measured is None or not t.get("params"):
+            continue
+        local = t["params"] / (c["dp"] if c["zero"] >= 1 else 1)
+        rows.append({"cell": r["cell_id"], "adapter": r["adapter"], "optimizer": c["optimizer"],
+                     "precision": c["precision"], "zero": c["zero"], "measured_per_param": measured / local,
+                     "predicted_per_param": predicted / local if predicted else None,
+                     "ratio": measured / predicted if predicted else None})
+    return rows
+
+
+def checkpointing_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each checkpointed cell beside its twin without checkpointing (same knobs
+    otherwise): the measured fall in peak memory ÷ the predicted fall in
+    activation bytes (``theory.activation_bytes_model``)."""
+    def key(c: dict) -> str:
+        return config_key(c, ("checkpointing", "checkpoint_every"))
+
+    ok = [r for r in records if r["status"] == "ok" and (r.get("metrics") or {}).get("peak_mem_bytes")]
+    plain = {key(r["config"]): r for r in ok if r["config"]["checkpointing"] == "none"}
+    rows = []
+    for r in ok:
+        twin = plain.get(key(r["config"]))
+        if r["config"]["checkpointing"] == "none" or twin is None:
+            continue
+        measured = twin["metrics"]["peak_mem_bytes"] - r["metrics"]["peak_mem_bytes"]
+        t0, t1 = (twin.get("theory") or {}).get("activation_bytes_model"), (r.get("theory") or {}).get("activation_bytes_model")
+        predicted = t0 - t1 if t0 is not None and t1 is not None else None
+        rows.append({"cell": r["cell_id"], "twin": twin["cell_id"], "adapter": r["adapter"],
+                     "mode": f"{r['config']['checkpointing']}" + (f" every {r['config']['checkpoint_every']}"
+                                                                   if r["config"].get("checkpoint_every", 1) > 1 else ""),
+                     "peak_mib": r["metrics"]["peak_mem_bytes"] / 2**20, "twin_peak_mib": twin["metrics"]["peak_mem_bytes"] / 2**20,
+                     "measured_drop_mib": measured / 2**20, "predicted_drop_mib": predicted / 2**20 if predicted else None,
+                     "ratio": measured / predicted if predicted else None})
+    return rows
+
+
+def write_report(results_file: Path, out_root: Path) -> Path:
+    records = list(read_records(results_file))
+    if not records:
+        raise ValueError(f"{results_file} holds no records")
+    suite, run_id = records[0]["suite"], records[0]["run_id"]
+    df = frame(records)
+    plots = [(title, img) for title, img in (
+        ("step time", step_plot(records)),
+        *((f"{what} — {group}", metric_plot(df[(df.group == group) | (df.group == "baseline")], metric,
+                                             f"{what}: {group} techniques beside the baseline cells"))
+          for what, metric in (("tokens/s", "tokens_per_s"), ("peak memory MiB", "peak_mem_mib"),
+                               ("communication MiB/step", "comm_mib_per_step"), ("MFU %", "mfu_pct"))
+          for group in sorted(set(df.group) - {"baseline"}) or ["baseline"]),
+        ("all-reduce busbw", busbw_plot(records)),
+        *loss_parity_plots(records),
+        *scaling_plots(records),
+        ("time and peak memory against seq_len (log-log, fitted exponent b)", scaling_fit_plot(records)),
+        *pipeline_timeline_plots(records),
+        ("step-time breakdown of the profiled step (forward / backward / optimizer / exposed comm / idle)",
+         breakdown_plot(records)),
+    ) if img]
+    columns = ["cell", "label", "status", "step_time_ms", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
+               "comm_mib_per_step", "final_loss", "fixed_cost_s"]
+    html = _TEMPLATES.get_template("report.html.j2").render(
+        suite=suite, run_id=run_id, env=records[0]["env"], table=df[columns].to_dict("records"), columns=columns,
+        failures=[r for r in records if r["status"] != "ok"], theory=theory_rows(records), plots=plots,
+        optimizer_state=optimizer_state_rows(records), checkpointing=checkpointing_rows(records),
+        support=support_matrix(records), tolerances=THEORY_TOLERANCE, scaling=scaling_rows(records),
+        planner=planner_validation(records),
+        adapter_ratios=adapter_ratio_rows(records),
+        pipeline_bubble=pipeline_bubble_rows(records), bubble_tolerance=BUBBLE_TOLERANCE,
+        sources=sorted({(r["metrics"] or {}).get("peak_mem_source") for r in records if r.get("metrics")} - {None}),
+        peak_sources=sorted({(r["metrics"] or {}).get("peak_flops_source") for r in records if r.get("metrics")} - {None}),
+        explain_links=explain_pages(records, out_root / suite / run_id, technique_group),
+    )
+    out_dir = out_root / suite / run_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "index.html"
+    path.write_text(html)
+    return path

@@ -1,4 +1,0 @@
-"""HTML reports. Read only result files: no torch, no impl imports."""
-from bench.report.build import write_report
-
-__all__ = ["write_report"]
