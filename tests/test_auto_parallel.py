@@ -126,7 +126,7 @@ def test_predicted_peak_memory(measured) -> None:
     """Within 10 % for every cell. TP with 4 micro-batches used to read 67-73 MiB
     against 63.3 predicted: the tracker missed the frees gloo's worker thread
     makes (bench.meters.memory); it now reads 63.8. ZeRO-3 with accumulation
-    is modelled by walking its backward (cost_model.zero_backward_peak)."""
+    is modelled by walking its backward (memory_model.zero_backward_peak)."""
     _, _, manual, _, _, _ = measured
     v = validation(manual)
     print(f"memory: median error {v['mem_median_error_pct']:.1f} %, max {v['mem_max_error_pct']:.1f} %")
@@ -280,7 +280,7 @@ def test_zero_backward_walk_mirrors_impl_zero() -> None:
     """The walk uses impl.zero's in-flight bound; under accumulation the ZeRO-3
     peak is in the backward (gradient shards of earlier micro-batches + the
     reduce-scatter working set), with one micro-batch at the loss."""
-    from bench.plan.cost_model import ZERO_RS_IN_FLIGHT, memory, zero_unit_numels
+    from bench.plan.memory_model import ZERO_RS_IN_FLIGHT, memory, zero_unit_numels
     from impl.zero import MAX_INFLIGHT_RS
 
     cfg = PRESETS["small"]

@@ -105,6 +105,29 @@ def test_ids_are_stable_across_processes() -> None:
     assert [c.id for c in parse_suite(explicit)[1]] == again
 
 
+def test_interleaved_defaults_to_two_virtual_stages() -> None:
+    """torch pipelining's and Megatron's users expect interleaving without spelling v;
+    an explicit virtual_stages: 1 is still refused, naming the field."""
+    _, cells = parse_suite("name: x\ndefaults: {world_size: 2, pp: 2, microbatches: 4, pp_schedule: interleaved}\n")
+    assert cells[0].knobs.virtual_stages == 2
+    explicit = parse_suite("name: x\ndefaults: {world_size: 2, pp: 2, microbatches: 4, pp_schedule: interleaved, "
+                           "virtual_stages: 2}\n")[1]
+    assert explicit[0].id == cells[0].id
+    with pytest.raises(SuiteError, match="virtual_stages >= 2"):
+        parse_suite("name: x\ndefaults: {world_size: 2, pp: 2, pp_schedule: interleaved, virtual_stages: 1}\n")
+
+
+def test_cp_is_its_own_degree() -> None:
+    """dp = world_size ÷ (cp·tp·pp); a cell that does not divide names every degree."""
+    _, cells = parse_suite("name: x\ndefaults: {world_size: 8, cp: 2, tp: 2, sequence_parallel: ring}\n")
+    k = cells[0].knobs
+    assert (k.dp, k.cp, k.tp, k.dims.world_size) == (2, 2, 2, 8)
+    # tp fastest, then cp: ranks 0,1 share a cp coordinate; ranks 0,2 share a tp coordinate
+    assert [k.dims.cp_rank(r) for r in range(4)] == [0, 0, 1, 1] and k.dims.coords(2)[2] == 0
+    with pytest.raises(SuiteError, match=r"world_size = 6 is not divisible by cp\*tp\*pp = 4 \(cp=2, tp=2, pp=1\)"):
+        parse_suite("name: x\ndefaults: {world_size: 6, cp: 2, tp: 2, sequence_parallel: ring}\n")
+
+
 def test_sequence_parallel_true_means_megatron() -> None:
     _, cells = parse_suite("name: x\ndefaults: {world_size: 2, tp: 2, sequence_parallel: true}\n")
     assert cells[0].knobs.sequence_parallel == "megatron"

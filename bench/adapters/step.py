@@ -24,10 +24,12 @@ def accumulating_step(
     microbatches: int,
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
     scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss,
 ) -> Callable[[Batch], torch.Tensor]:
     """Forward/backward over `microbatches` slices (gradients synchronised only
     on the last), then one optimizer step. Returns the mean loss.
-    ``scale_loss`` multiplies the loss before backward (dynamic loss scaling)."""
+    ``scale_loss`` multiplies the loss before backward (dynamic loss scaling);
+    ``loss`` maps (logits, targets) to the mean loss (e.g. vocab-parallel under TP)."""
 
     def step(batch: Batch) -> torch.Tensor:
         optimizer.zero_grad()
@@ -36,9 +38,9 @@ def accumulating_step(
         for i, mb in enumerate(parts):
             ctx = no_sync() if i < len(parts) - 1 else nullcontext()
             with ctx:
-                loss = lm_loss(forward(mb.inputs), mb.targets) / len(parts)
-                (scale_loss(loss) if scale_loss else loss).backward()
-            total += loss.detach().float().cpu()
+                part = loss(forward(mb.inputs), mb.targets) / len(parts)
+                (scale_loss(part) if scale_loss else part).backward()
+            total += part.detach().float().cpu()
         optimizer.step()
         return total
 

@@ -6,6 +6,7 @@ cell's values and their cross-field constraints; errors name the field.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -33,6 +34,10 @@ class Knobs(BaseModel):
     world_size: int = Field(default=1, strict=True, ge=1)
     dp: int | None = Field(default=None, strict=True, ge=1)
     tp: int = Field(default=1, strict=True, ge=1)
+    cp: int = Field(default=1, strict=True, ge=1)
+    """Context-parallel degree: ranks that split every sequence end to end
+    (`sequence_parallel: ring`, ring self-attention over the cp group); composes
+    with tp (the weights split over tp inside each cp rank) and dp."""
     pp: int = Field(default=1, strict=True, ge=1)
     tp_mode: Literal["1d", "2d", "2.5d", "3d"] = "1d"
     tp_depth: int = Field(default=1, strict=True, ge=1)
@@ -40,6 +45,8 @@ class Knobs(BaseModel):
     microbatches: int = Field(default=1, strict=True, ge=1)
     pp_schedule: PipelineSchedule = "1f1b"
     virtual_stages: int = Field(default=1, strict=True, ge=1)
+    """Model chunks per pipeline rank; `pp_schedule: interleaved` without it takes 2
+    (torch pipelining's and Megatron's usual choice)."""
     pp_balance: Literal["params", "time"] = "params"
     """How the pipeline cuts blocks into stages: equal parameters, or equal forward+backward
     time measured once per piece before training (adapter inhouse only)."""
@@ -75,6 +82,20 @@ class Knobs(BaseModel):
     """Test-only fault injection: raise, hang, oom (a real failed allocation),
     segfault, or slow (every timed step 20 % slower)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _ring_over_cp(cls, data: Any) -> Any:
+        """Suites written before `cp` existed spelled ring self-attention as
+        `tp: N, sequence_parallel: ring` (tp then meant the ring's size, weights
+        replicated). Read them as `cp: N`, and say so."""
+        if (isinstance(data, dict) and data.get("sequence_parallel") == "ring" and "cp" not in data
+                and isinstance(data.get("tp"), int) and data["tp"] > 1):
+            warnings.warn(f"tp = {data['tp']} with sequence_parallel = 'ring' is read as cp = {data['tp']}, tp = 1 "
+                          "(the ring's size is the context-parallel degree `cp`; write `cp` instead)",
+                          FutureWarning, stacklevel=2)
+            data = {**data, "cp": data["tp"], "tp": 1}
+        return data
+
     @field_validator("sequence_parallel", mode="before")
     @classmethod
     def _sp_aliases(cls, value: Any) -> Any:
@@ -94,12 +115,12 @@ class Knobs(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Knobs":
-        dims = ParallelDims.derive(world_size=self.world_size, tp=self.tp, pp=self.pp, dp=self.dp)
+        dims = ParallelDims.derive(world_size=self.world_size, tp=self.tp, pp=self.pp, dp=self.dp, cp=self.cp)
         if self.dp is None:
             object.__setattr__(self, "dp", dims.dp)
         _check_tp_mode(self.tp, self.tp_mode, self.tp_depth)
         cfg = PRESETS[self.model]
-        if self.tp_mode == "1d" and self.sequence_parallel != "ring" and cfg.n_kv_heads % self.tp:
+        if self.tp_mode == "1d" and cfg.n_kv_heads % self.tp:
             raise ValueError(
                 f"tp = {self.tp} does not divide the {cfg.n_kv_heads} key/value heads of model {self.model!r}"
             )
@@ -117,7 +138,9 @@ class Knobs(BaseModel):
                 f"(dp={self.dp}, microbatches={self.microbatches})"
             )
         if self.pp_schedule == "interleaved" and self.pp > 1 and self.virtual_stages < 2:
-            raise ValueError("pp_schedule = 'interleaved' needs virtual_stages >= 2")
+            if "virtual_stages" in self.model_fields_set:
+                raise ValueError("pp_schedule = 'interleaved' needs virtual_stages >= 2")
+            object.__setattr__(self, "virtual_stages", 2)
         if self.pp * self.virtual_stages > cfg.n_layers:
             raise ValueError(
                 f"pp*virtual_stages = {self.pp * self.virtual_stages} exceeds the {cfg.n_layers} layers of {self.model!r}"
@@ -126,8 +149,7 @@ class Knobs(BaseModel):
             raise ValueError(f"checkpoint_every = {self.checkpoint_every} needs checkpointing = 'full'")
         if self.checkpoint_every > cfg.n_layers:
             raise ValueError(f"checkpoint_every = {self.checkpoint_every} exceeds the {cfg.n_layers} layers of {self.model!r}")
-        if self.sequence_parallel == "ring":
-            _check_ring(self.tp, self.tp_mode, self.seq_len)
+        _check_context_parallel(self.cp, self.sequence_parallel, self.tp_mode, self.seq_len)
         if self.sequence_parallel == "megatron" and self.tp < 2:
             raise ValueError("sequence_parallel = 'megatron' needs tp >= 2")
         if self.offload == "optimizer" and self.zero < 1:
@@ -146,36 +168,38 @@ class Knobs(BaseModel):
         if self.attention != "dense" and self.seq_len % self.attention_block:
             raise ValueError(f"seq_len = {self.seq_len} is not a multiple of attention_block = {self.attention_block}")
         if self.workload == "attention" and (self.tp > 1 or self.pp > 1 or self.zero or self.dp != self.world_size):
-            raise ValueError("workload = 'attention' times one attention core per rank: tp, pp and zero must be off")
+            raise ValueError("workload = 'attention' times one attention core per rank: cp, tp, pp and zero must be off")
         if self.workload == "allreduce":
             if self.adapter != "inhouse":
                 raise ValueError("workload = 'allreduce' times impl/allreduce.py: use adapter = 'inhouse' "
                                  "(allreduce = 'backend' is torch.distributed.all_reduce)")
-            if self.tp > 1 or self.pp > 1 or self.zero:
-                raise ValueError("workload = 'allreduce' runs over all ranks: tp, pp and zero must be off")
+            if self.tp > 1 or self.pp > 1 or self.cp > 1 or self.zero:
+                raise ValueError("workload = 'allreduce' runs over all ranks: cp, tp, pp and zero must be off")
             if self.message_bytes % 4:
                 raise ValueError(f"message_bytes = {self.message_bytes} must be a multiple of 4 (float32 elements)")
         return self
 
     @property
     def dims(self) -> ParallelDims:
-        return ParallelDims(world_size=self.world_size, dp=self.dp, tp=self.tp, pp=self.pp)
+        return ParallelDims(world_size=self.world_size, dp=self.dp, cp=self.cp, tp=self.tp, pp=self.pp)
 
     def resolved(self) -> dict[str, Any]:
         """Every knob with its resolved value, JSON-ready."""
         return self.model_dump(mode="json")
 
 
-def _check_ring(tp: int, mode: str, seq_len: int) -> None:
-    """Ring self-attention (arXiv 2105.13120): the tp ranks form the ring and
-    split the sequence; weights stay replicated (no tensor sharding)."""
-    if tp < 2:
-        raise ValueError("sequence_parallel = 'ring' needs tp >= 2 (the ring is the tp ranks, which split the sequence)")
-    if mode != "1d":
-        raise ValueError(f"sequence_parallel = 'ring' uses tp as the ring size; tp_mode must be '1d', got {mode!r}")
-    if seq_len % tp:
-        raise ValueError(f"seq_len = {seq_len} is not divisible by tp = {tp} (sequence_parallel = 'ring' splits "
-                         "the sequence across the tp ranks)")
+def _check_context_parallel(cp: int, sequence_parallel: str, mode: str, seq_len: int) -> None:
+    """Context parallelism: the cp ranks split every sequence and pass K/V around
+    a ring (ring self-attention, arXiv 2105.13120); tp, if any, is Megatron 1D TP."""
+    if sequence_parallel == "ring" and cp < 2:
+        raise ValueError("sequence_parallel = 'ring' needs cp >= 2 (the ring is the cp ranks, which split the sequence)")
+    if cp > 1 and sequence_parallel != "ring":
+        raise ValueError(f"cp = {cp} needs sequence_parallel = 'ring' (ring self-attention is the context-parallel "
+                         f"attention), got sequence_parallel = {sequence_parallel!r}")
+    if cp > 1 and mode != "1d":
+        raise ValueError(f"cp = {cp} composes with 1D tensor parallelism only; tp_mode must be '1d', got {mode!r}")
+    if cp > 1 and seq_len % cp:
+        raise ValueError(f"seq_len = {seq_len} is not divisible by cp = {cp} (the cp ranks split the sequence)")
 
 
 def _check_tp_mode(tp: int, mode: str, depth: int) -> None:

@@ -62,7 +62,7 @@ def predict_device_bytes(knobs: Any, theory: dict[str, Any] | None = None) -> Pr
         on_device["params"] = 0.0
     micro_b = max(1, knobs.batch_size // (knobs.dp * knobs.microbatches))
     act = cfg.n_layers * activation_bytes_per_layer(
-        s=knobs.seq_len, b=micro_b, h=cfg.dim, a=cfg.n_heads, tp=knobs.tp,
+        s=knobs.seq_len // knobs.cp, b=micro_b, h=cfg.dim, a=cfg.n_heads, tp=knobs.tp,
         sequence_parallel=knobs.sequence_parallel == "megatron",
         recompute="selective" if knobs.checkpointing == "none" else knobs.checkpointing,
         bytes_per_value=PRECISION_BYTES[knobs.precision])

@@ -97,7 +97,7 @@ def search(base: dict[str, Any], profile: MachineProfile, *, memory_budget_bytes
     from pydantic import ValidationError
 
     from bench.config.knobs import Knobs
-    from bench.plan.cost_model import memory
+    from bench.plan.memory_model import memory
     from impl.model_config import PRESETS
 
     cfg = PRESETS[base["model"]]

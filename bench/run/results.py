@@ -30,7 +30,8 @@ from typing import Any, Iterator
 
 from bench import REPO
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: the context-parallel degree `cp` (ring self-attention over cp ranks; v1 spelled it `tp`)."""
 STATUSES = ("ok", "unsupported", "error", "oom", "timeout")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 _SUITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -195,10 +196,24 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def migrate(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as the current schema spells it (records on disk are never rewritten)."""
     version = record.get("schema_version", 1)
     if version > SCHEMA_VERSION:
         raise ValueError(f"record schema {version} is newer than this TrainBench ({SCHEMA_VERSION})")
+    if version < 2:
+        record = _v1_ring_as_cp(record)
     return record
+
+
+def _v1_ring_as_cp(record: dict[str, Any]) -> dict[str, Any]:
+    """v1 ran ring self-attention as `tp: r, sequence_parallel: ring` (tp = the
+    ring's size, weights replicated): that is `cp: r, tp: 1` now, the same cell.
+    Its `cell_id` stays the v1 one; `bench compare` matches cells by config."""
+    config = record.get("config")
+    if not isinstance(config, dict) or config.get("sequence_parallel") != "ring" or "cp" in config:
+        return record
+    tp = config.get("tp", 1)
+    return {**record, "schema_version": 2, "config": {**config, "cp": tp, "tp": 1}}
 
 
 def resolve_results(target: str | Path) -> list[Path]:

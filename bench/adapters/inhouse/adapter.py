@@ -42,7 +42,7 @@ class InhouseAdapter(Adapter):
 
     def why_not(self, knobs: Knobs) -> str | None:
         if knobs.sequence_parallel == "ring":
-            from bench.adapters.inhouse.ring import why_not_ring
+            from bench.adapters.inhouse.context_parallel import why_not_ring
 
             why = why_not_ring(knobs)
             if why:
@@ -92,7 +92,7 @@ class InhouseAdapter(Adapter):
         if knobs.sequence_parallel == "ring":
             # Ring self-attention: the tp ranks split the sequence (weights
             # replicated, K/V passed around the ring); its own plan and step.
-            from bench.adapters.inhouse.ring import build_ring
+            from bench.adapters.inhouse.context_parallel import build_ring
 
             return build_ring(knobs, model, dims, device)
         if dims.tp > 1 and knobs.pp == 1:
