@@ -65,6 +65,36 @@ def test_impl_never_imports_bench() -> None:
     assert not bad, f"impl/ imports the harness: {bad}"
 
 
+LAYERS = ("impl", "bench", "bench.config", "bench.theory", "bench.workloads", "bench.meters", "bench.adapters",
+          "bench.plan", "bench.run", "bench.analysis", "bench.cli")
+"""Bottom to top (docs/architecture.md): a module imports only its own layer and the layers before it."""
+UPWARD_EXCEPTIONS = {
+    # expansion resolves `strategy: auto` cells to the planner's best plan before ids are taken
+    ("bench.config.suite", "bench.plan.planner"),
+    # the autotuner comparison starts DeepSpeed's launcher with the local launcher's loopback settings
+    ("bench.plan.autotune_compare", "bench.run.launchers.torchrun"),
+}
+
+
+def _layer(module: str) -> int:
+    return max(i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + "."))
+
+
+def upward_imports(graph: nx.DiGraph) -> list[tuple[str, str]]:
+    return sorted((a, b) for a, b in graph.edges if _layer(b) > _layer(a) and (a, b) not in UPWARD_EXCEPTIONS)
+
+
+def test_layers_import_downward_only() -> None:
+    bad = upward_imports(import_graph())
+    assert not bad, f"imports from a lower layer to a higher one (docs/architecture.md): {bad}"
+
+
+def test_layer_check_can_fail() -> None:
+    graph = import_graph()
+    graph.add_edge("bench.meters.comm", "bench.analysis.compare")  # a meter reading the analysis layer
+    assert upward_imports(graph) == [("bench.meters.comm", "bench.analysis.compare")]
+
+
 def test_cycle_detector_sees_lazy_imports(tmp_path) -> None:
     """The checker itself can fail: a function-level import back to the importer is a cycle."""
     a, b = tmp_path / "a.py", tmp_path / "b.py"
