@@ -259,30 +259,34 @@ defaults: {model: tiny, world_size: 2, batch_size: 4, seq_len: 16, fault: hang}
 """
 
 
-def test_local_rendezvous_listens_only_on_loopback(tmp_path):
-    """Every socket a hung 2-rank cell listens on (torchrun's rendezvous and
-    worker stores, each rank's gloo pair) is on loopback. The hang holds the
-    sockets open; the runner is then SIGKILLed and takes the cell with it."""
+@pytest.mark.parametrize("launcher", ["warm", "torchrun"])
+def test_local_rendezvous_listens_only_on_loopback(tmp_path, launcher):
+    """Every socket a hung 2-rank cell listens on (the rendezvous store — torchrun's
+    agent or the warm launcher's leader — and each rank's gloo pair) is on
+    loopback. The hang holds the sockets open; the runner is then SIGKILLed and
+    takes the cell with it."""
     cmd = LocalTorchrun().command(Path("p.json"), 2)
     assert "--standalone" not in cmd and "--rdzv-endpoint=127.0.0.1:0" in cmd and "--local-addr=127.0.0.1" in cmd
     (tmp_path / "suite.yaml").write_text(HANG)
-    runner = subprocess.Popen(_cli("run", str(tmp_path / "suite.yaml"), "--results", str(tmp_path / "results"), "--no-progress"),
+    runner = subprocess.Popen(_cli("run", str(tmp_path / "suite.yaml"), "--results", str(tmp_path / "results"),
+                                   "--no-progress", "--launcher", launcher),
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     listening: dict[tuple[int, str, int], str] = {}  # (pid, ip, port) -> process role
     seen_all_at = None
     deadline = time.time() + 100
     try:
         while time.time() < deadline and (seen_all_at is None or time.time() < seen_all_at + 1.0):
+            rank_pids = {int(f.read_text()) for f in (tmp_path / "results").glob("hang/.*/*/rank*.pid") if f.read_text()}
             for p in psutil.Process(runner.pid).children(recursive=True):
                 try:
-                    role = "agent" if "bench.run.launchers.torchrun" in p.cmdline() else "rank"
+                    role = "rank" if p.pid in rank_pids else "launcher"
                     for conn in p.net_connections(kind="inet"):
                         if conn.status == psutil.CONN_LISTEN:
                             listening[(p.pid, conn.laddr.ip, conn.laddr.port)] = role
                 except psutil.Error:
                     pass
             ranks = {pid for (pid, _, _), role in listening.items() if role == "rank"}
-            if seen_all_at is None and len(ranks) == 2 and list(listening.values()).count("agent") >= 2:
+            if seen_all_at is None and len(ranks) == 2 and "launcher" in listening.values():
                 seen_all_at = time.time()
             time.sleep(0.1)
         family = psutil.Process(runner.pid).children(recursive=True)

@@ -119,6 +119,9 @@ def cmd_run(args) -> int:
     console.print(f"run {summary.run_file.run_id}: {counts}; {summary.skipped} already recorded", highlight=False)
     if summary.fixed_cost_median_s is not None:
         console.print(f"fixed per-cell cost (launch + imports + set-up + warm-up, timed steps excluded): "
-                      f"median {summary.fixed_cost_median_s:.2f} s over {len(summary.fixed_costs_s)} cells", highlight=False)
+                      f"median {summary.fixed_cost_median_s:.2f} s over {len(summary.fixed_costs_s)} cells "
+                      f"(launcher {summary.launcher}"
+                      + (f"; its fork server imported once in {summary.launcher_warm_s:.1f} s"
+                         if summary.launcher_warm_s is not None else "") + ")", highlight=False)
     console.print(f"results: {summary.run_file.path}", highlight=False)
     return 0

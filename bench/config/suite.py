@@ -45,8 +45,10 @@ class RunSettings(BaseModel):
     timeout_s: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
     """Wall-clock limit per cell; the whole process group is killed past it."""
     seed: int = Field(default=0, ge=0)
-    launcher: Literal["local", "slurm"] = "local"
-    """`local`: torchrun on this host (with `nodes` > 1, this node's agent);
+    launcher: Literal["local", "warm", "torchrun", "slurm"] = "local"
+    """`local`: this host — the warm fork-server launcher for one-node cells
+    (bench.run.launchers.warm), this node's torchrun agent when `nodes` > 1;
+    `warm` / `torchrun`: that local launcher explicitly (`warm` is one-node only);
     `slurm`: one sbatch job per cell running `srun torchrun` (bench.run.launchers.slurm)."""
     nodes: int = Field(default=1, ge=1, le=4096)
     """Nodes one cell spans (torchrun --nnodes); > 1 needs `nproc_per_node`, and
@@ -231,8 +233,12 @@ def placement_problems(run: RunSettings, cells: list[Cell]) -> list[str]:
     problems = []
     if run.nodes > 1 and run.nproc_per_node is None:
         problems.append(f"nproc_per_node: required when nodes = {run.nodes} (ranks per node)")
-    if run.nodes > 1 and run.launcher == "local" and run.rdzv_endpoint is None:
-        problems.append(f"rdzv_endpoint: required when nodes = {run.nodes} and launcher = 'local' (HOST:PORT of node 0)")
+    if run.nodes > 1 and run.launcher in ("local", "torchrun") and run.rdzv_endpoint is None:
+        problems.append(f"rdzv_endpoint: required when nodes = {run.nodes} and launcher = '{run.launcher}' "
+                        "(HOST:PORT of node 0)")
+    if run.nodes > 1 and run.launcher == "warm":
+        problems.append(f"launcher: 'warm' starts one node's ranks; nodes = {run.nodes} needs 'local' or 'torchrun' "
+                        "(a torchrun agent per node) or 'slurm'")
     if run.nproc_per_node is None:
         return problems
     for c in cells:

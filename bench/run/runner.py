@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from bench import adapters
 from bench.run.launchers.base import LaunchOutcome, Launcher
-from bench.run.launchers.torchrun import LocalTorchrun
+from bench.run.launchers.warm import WarmLocal
 from bench.run.results import SCHEMA_VERSION, ResultsWriteError, RunFile, environment, new_run_id
 from bench.config.suite import Cell, Suite
 from bench.config.techniques import used_by
@@ -33,6 +33,9 @@ class RunSummary:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: int = 0
     fixed_costs_s: list[float] = field(default_factory=list)
+    launcher: str = ""
+    launcher_warm_s: float | None = None
+    """The warm launcher's one-off import time (its fork server), not in any cell's fixed cost."""
 
     @property
     def fixed_cost_median_s(self) -> float | None:
@@ -44,7 +47,7 @@ class Runner:
                  launcher: Launcher | None = None, progress: bool = True) -> None:
         self.suite, self.cells = suite, cells
         self.run_file = RunFile(Path(results_root), suite.name, run_id or new_run_id())
-        self.launcher = launcher or LocalTorchrun()
+        self.launcher = launcher or WarmLocal()
         self.progress = progress
         self._env: dict[str, Any] | None = None
         self._cpu_peaks: dict[int, float] = {}
@@ -52,23 +55,29 @@ class Runner:
     def run(self, on_record: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        summary = RunSummary(self.run_file)
+        summary = RunSummary(self.run_file, launcher=self.launcher.name)
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-        with self.run_file.lock(), Progress(*columns, disable=not self.progress, transient=False) as bar:
-            done = {r["cell_id"] for r in self.run_file.records()}
-            todo = [c for c in self.cells if c.id not in done]
-            summary.skipped = len(self.cells) - len(todo)
-            task = bar.add_task(self.suite.name, total=len(todo))
-            for cell in todo:
-                bar.update(task, description=f"{self.suite.name}: {cell.knobs.adapter} {cell.id}")
-                record = self.run_cell(cell)
-                self.run_file.append(record)
-                summary.counts[record["status"]] = summary.counts.get(record["status"], 0) + 1
-                if record["timing"].get("fixed_cost_s") is not None:
-                    summary.fixed_costs_s.append(record["timing"]["fixed_cost_s"])
-                if on_record:
-                    on_record(record)
-                bar.advance(task)
+        try:
+            with self.run_file.lock(), Progress(*columns, disable=not self.progress, transient=False) as bar:
+                done = {r["cell_id"] for r in self.run_file.records()}
+                todo = [c for c in self.cells if c.id not in done]
+                summary.skipped = len(self.cells) - len(todo)
+                task = bar.add_task(self.suite.name, total=len(todo))
+                for cell in todo:
+                    bar.update(task, description=f"{self.suite.name}: {cell.knobs.adapter} {cell.id}")
+                    record = self.run_cell(cell)
+                    self.run_file.append(record)
+                    summary.counts[record["status"]] = summary.counts.get(record["status"], 0) + 1
+                    if record["timing"].get("fixed_cost_s") is not None:
+                        summary.fixed_costs_s.append(record["timing"]["fixed_cost_s"])
+                    if on_record:
+                        on_record(record)
+                    bar.advance(task)
+        finally:
+            close = getattr(self.launcher, "close", None)
+            if close:
+                summary.launcher_warm_s = getattr(self.launcher, "warm_s", None)
+                close()  # the warm launcher's fork server ends with the run
         return summary
 
     @property
@@ -131,7 +140,7 @@ class Runner:
 
     def _classify(self, cell: Cell, cell_dir: Path, outcome: LaunchOutcome) -> dict[str, Any]:
         stderr = _tail(outcome.stderr_path)
-        timing = {"wall_s": outcome.wall_s, "returncode": outcome.returncode}
+        timing = {"wall_s": outcome.wall_s, "returncode": outcome.returncode, "launcher": self.launcher.name}
         result_path = cell_dir / "result.json"
         if result_path.exists():
             # Judge success by the record, not the exit code (DeepSpeed can abort after finishing).

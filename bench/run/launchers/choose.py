@@ -5,6 +5,7 @@ from typing import Any
 
 from bench.run.launchers.base import Launcher
 from bench.run.launchers.torchrun import LocalTorchrun, MultiNodeTorchrun
+from bench.run.launchers.warm import WarmLocal
 
 
 def make_launcher(run: Any, *, node_rank: int = 0, simulate_nodes: bool = False, dry_run: bool = False,
@@ -20,6 +21,6 @@ def make_launcher(run: Any, *, node_rank: int = 0, simulate_nodes: bool = False,
     if run.nodes == 1:
         if simulate_nodes or node_rank:
             raise ValueError("--simulate-nodes and --node-rank need nodes >= 2 in the run settings")
-        return LocalTorchrun()
+        return LocalTorchrun() if run.launcher == "torchrun" else WarmLocal()
     ranks = tuple(range(run.nodes)) if simulate_nodes else (node_rank,)
     return MultiNodeTorchrun(run.nodes, run.nproc_per_node, run.rdzv_endpoint, ranks)

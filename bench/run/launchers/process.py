@@ -18,7 +18,7 @@ from bench import REPO
 from bench.run.launchers.base import LaunchOutcome
 
 
-def _pdeathsig() -> None:
+def die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
     except OSError:
@@ -75,7 +75,7 @@ def run_agents(commands: list[list[str]], cell_dir: Path, timeout_s: float, env:
             with open(out, "wb") as fo, open(err, "wb") as fe:
                 procs.append(subprocess.Popen(
                     cmd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env={**os.environ, **env},
-                    start_new_session=True, preexec_fn=_pdeathsig, cwd=REPO,
+                    start_new_session=True, preexec_fn=die_with_parent, cwd=REPO,
                 ))
         deadline = time.monotonic() + timeout_s
         for proc in procs:

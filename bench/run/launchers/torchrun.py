@@ -28,7 +28,7 @@ from bench.run.launchers.process import LOOPBACK, loopback_interface, run_agents
 
 
 class LocalTorchrun:
-    name = "local"
+    name = "torchrun"
 
     def ranks_on_this_host(self, world_size: int) -> int:
         return world_size
