@@ -49,6 +49,11 @@ def cmd_run(args) -> int:
     if loaded is None:
         return 2
     suite, cells = loaded
+    if args.repeat is not None:
+        if not 1 <= args.repeat <= 1000:
+            err_console.print(f"error: --repeat = {args.repeat}: launches per cell must be in 1..1000")
+            return 2
+        suite = suite.model_copy(update={"repeat": args.repeat})
     from bench.run.results import ResultsWriteError, RunInUse, check_run_id
     from bench.run.runner import Runner
 
@@ -60,7 +65,8 @@ def cmd_run(args) -> int:
         err_console.print(f"error: {exc}")
         return 2
     results_root = Path(args.results)
-    if args.resume and not (results_root / suite.name / f"{args.resume}.jsonl").exists():
+    run_dir = results_root / suite.name
+    if args.resume and not ((run_dir / f"{args.resume}.jsonl").exists() or (run_dir / f".{args.resume}").is_dir()):
         err_console.print(f"error: --resume {args.resume}: no such run under {results_root / suite.name}")
         return 2
     try:
@@ -97,6 +103,10 @@ def cmd_run(args) -> int:
     def show(rec) -> None:
         m = rec["metrics"] or {}
         extra = f"{m['step_time_median_s'] * 1e3:.1f} ms/step" if m else (rec["reason"] or "")[:160]
+        if m and len(m.get("launches") or []) > 1:
+            low, high = m["step_time_ci_s"]
+            extra += (f" [{low * 1e3:.1f}, {high * 1e3:.1f}] over {len(m['launches'])} launches, "
+                      f"CV {m['launch_cv']:.0%}{' UNSTABLE' if m['unstable'] else ''}")
         console.print(f"  {rec['status']:<11} {rec['cell_id']} {rec['adapter']:<10} {extra}", highlight=False)
 
     try:
@@ -119,7 +129,7 @@ def cmd_run(args) -> int:
     console.print(f"run {summary.run_file.run_id}: {counts}; {summary.skipped} already recorded", highlight=False)
     if summary.fixed_cost_median_s is not None:
         console.print(f"fixed per-cell cost (launch + imports + set-up + warm-up, timed steps excluded): "
-                      f"median {summary.fixed_cost_median_s:.2f} s over {len(summary.fixed_costs_s)} cells "
+                      f"median {summary.fixed_cost_median_s:.2f} s over {len(summary.fixed_costs_s)} launches "
                       f"(launcher {summary.launcher}"
                       + (f"; its fork server imported once in {summary.launcher_warm_s:.1f} s"
                          if summary.launcher_warm_s is not None else "") + ")", highlight=False)

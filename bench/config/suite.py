@@ -45,6 +45,11 @@ class RunSettings(BaseModel):
     timeout_s: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
     """Wall-clock limit per cell; the whole process group is killed past it."""
     seed: int = Field(default=0, ge=0)
+    repeat: int = Field(default=1, ge=1, le=1000)
+    """Launches per cell (fresh rank processes each), interleaved across cells in a
+    seeded random order; the cell's step time is the median of its launch medians,
+    with a confidence interval across launches (bench.run.launch_stats). 1 for a
+    quick look; 5 or more where runs are compared (`bench compare` needs 5 per side)."""
     launcher: Literal["local", "warm", "torchrun", "slurm"] = "local"
     """`local`: this host — the warm fork-server launcher for one-node cells
     (bench.run.launchers.warm), this node's torchrun agent when `nodes` > 1;

@@ -1,8 +1,12 @@
-"""Runs a suite: one launch per cell, outcome classification, one record per cell.
+"""Runs a suite: ``repeat`` launches per cell, interleaved across cells,
+outcome classification, one record per cell.
 
 A failing cell is a result (unsupported | error | oom | timeout), never the
-end of the suite; a resumed run skips the cells its file already holds. The
-one thing that does stop a suite is a results folder that refuses writes
+end of the suite: its first failing launch ends it. A cell's record is written
+when its last launch has finished (``bench.run.launch_stats.merge_launches``);
+each finished launch is kept in its scratch folder, so a resumed run skips the
+cells its file already holds and runs only the missing launches of the others.
+The one thing that does stop a suite is a results folder that refuses writes
 (``ResultsWriteError``): running on would only lose the records.
 """
 from __future__ import annotations
@@ -18,12 +22,16 @@ from typing import Any, Callable
 
 from bench import adapters
 from bench.run.launchers.base import LaunchOutcome, Launcher
+from bench.run.launch_stats import merge_launches
 from bench.run.launchers.warm import WarmLocal
+from bench.run.schedule import interleaved
 from bench.run.results import SCHEMA_VERSION, ResultsWriteError, RunFile, environment, new_run_id
 from bench.config.suite import Cell, Suite
 from bench.config.techniques import used_by
 from bench.theory import predict, ratios
 
+LAUNCH_RECORD = "launch_record.json"
+"""A finished launch's record in its scratch folder: what a resumed run picks up."""
 _OOM = re.compile(r"OutOfMemoryError|out of memory|can't allocate memory|MemoryError")
 
 
@@ -46,7 +54,7 @@ class Runner:
     def __init__(self, suite: Suite, cells: list[Cell], *, results_root: Path, run_id: str | None = None,
                  launcher: Launcher | None = None, progress: bool = True) -> None:
         self.suite, self.cells = suite, cells
-        self.run_file = RunFile(Path(results_root), suite.name, run_id or new_run_id())
+        self.run_file = RunFile(Path(results_root).resolve(), suite.name, run_id or new_run_id())
         self.launcher = launcher or WarmLocal()
         self.progress = progress
         self._env: dict[str, Any] | None = None
@@ -62,17 +70,54 @@ class Runner:
                 done = {r["cell_id"] for r in self.run_file.records()}
                 todo = [c for c in self.cells if c.id not in done]
                 summary.skipped = len(self.cells) - len(todo)
-                task = bar.add_task(self.suite.name, total=len(todo))
-                for cell in todo:
-                    bar.update(task, description=f"{self.suite.name}: {cell.knobs.adapter} {cell.id}")
-                    record = self.run_cell(cell)
+                repeat = self.suite.repeat
+                task = bar.add_task(self.suite.name, total=len(todo) * repeat)
+
+                def finish(record: dict[str, Any]) -> None:
                     self.run_file.append(record)
                     summary.counts[record["status"]] = summary.counts.get(record["status"], 0) + 1
-                    if record["timing"].get("fixed_cost_s") is not None:
-                        summary.fixed_costs_s.append(record["timing"]["fixed_cost_s"])
                     if on_record:
                         on_record(record)
+
+                launched: dict[str, dict[int, dict[str, Any]]] = {}
+                for cell in todo:
+                    verdict = self.verdict(cell)
+                    if verdict:  # decided before launch: no launch at all
+                        finish(verdict)
+                        bar.advance(task, repeat)
+                    else:
+                        launched[cell.id] = self._finished_launches(cell)  # a resumed run keeps what it had
+                        bar.advance(task, len(launched[cell.id]))
+                        if len(launched[cell.id]) == repeat:  # killed between its last launch and its record
+                            finished = launched.pop(cell.id)
+                            finish(merge_launches([finished[i] for i in range(repeat)]))
+                by_id = {c.id: c for c in todo}
+                seed = f"{self.suite.seed}:{self.run_file.run_id}"
+                queue = interleaved([c.id for c in todo if c.id in launched], repeat, seed)
+                last = None
+                while True:
+                    # failed cells and launches finished before a resume drop out; the next
+                    # launch is then the first one left that is not the cell just launched
+                    queue = [(c, k) for c, k in queue if c in launched and k not in launched[c]]
+                    if not queue:
+                        break
+                    cell_id, k = queue.pop(next((i for i, (c, _) in enumerate(queue) if c != last), 0))
+                    last, cell = cell_id, by_id[cell_id]
+                    bar.update(task, description=f"{self.suite.name}: {cell.knobs.adapter} {cell.id} #{k + 1}")
+                    record = self.run_launch(cell, k)
                     bar.advance(task)
+                    if record["timing"].get("fixed_cost_s") is not None:
+                        summary.fixed_costs_s.append(record["timing"]["fixed_cost_s"])
+                    if record["status"] != "ok":
+                        if repeat > 1:
+                            record["reason"] = f"launch {k + 1} of {repeat}: {record['reason']}"
+                        del launched[cell_id]
+                        finish(record)
+                        continue
+                    launched[cell_id][k] = record
+                    if len(launched[cell_id]) == repeat:
+                        finished = launched.pop(cell_id)
+                        finish(merge_launches([finished[i] for i in range(repeat)]))
         finally:
             close = getattr(self.launcher, "close", None)
             if close:
@@ -86,31 +131,55 @@ class Runner:
             self._env = environment()
         return self._env
 
-    def run_cell(self, cell: Cell) -> dict[str, Any]:
-        prepared = self.prepare(cell)
+    def run_launch(self, cell: Cell, k: int = 0) -> dict[str, Any]:
+        """Launch ``k`` of a cell: its record as if it were the only one (kept in its scratch folder)."""
+        prepared = self.prepare(cell, k)
         if isinstance(prepared, dict):
-            return prepared  # decided before launch
+            return prepared
         cell_dir, env = prepared
         outcome = self.launcher.launch(payload=cell_dir / "payload.json", world_size=cell.knobs.world_size,
                                        timeout_s=self.suite.timeout_s, env=env)
-        return self._classify(cell, cell_dir, outcome)
+        record = self._classify(cell, cell_dir, outcome)
+        if record["status"] == "ok":
+            (cell_dir / LAUNCH_RECORD).write_text(json.dumps(record))
+        return record
 
-    def prepare(self, cell: Cell) -> dict[str, Any] | tuple[Path, dict[str, str]]:
-        """The pre-launch verdict (an ``unsupported`` record: adapter, device, or
-        predicted memory over the device's), or the scratch folder holding
-        ``payload.json`` and the ranks' environment."""
+    def verdict(self, cell: Cell) -> dict[str, Any] | None:
+        """The pre-launch verdict: an ``unsupported`` record (adapter, device, or
+        predicted memory over the device's), or None when the cell can launch."""
         knobs = cell.knobs
         # A launcher whose ranks run elsewhere (SLURM) cannot judge the device from here.
         here = not getattr(self.launcher, "remote", False)
         reason = adapters.why_not(knobs) or (here and _device_missing(knobs.device)) or self._fit(knobs)
-        if reason:
-            return self._record(cell, status="unsupported", reason=reason)
-        cell_dir = self.run_file.path.parent / f".{self.run_file.run_id}" / cell.id
+        return self._record(cell, status="unsupported", reason=reason) if reason else None
+
+    def launch_dir(self, cell: Cell, k: int) -> Path:
+        """Scratch folder of launch k: ``.<run_id>/<cell_id>`` for the first, ``<cell_id>.launch<k>`` after."""
+        return self.run_file.path.parent / f".{self.run_file.run_id}" / (cell.id if k == 0 else f"{cell.id}.launch{k}")
+
+    def _finished_launches(self, cell: Cell) -> dict[int, dict[str, Any]]:
+        found = {}
+        for k in range(self.suite.repeat):
+            path = self.launch_dir(cell, k) / LAUNCH_RECORD
+            try:
+                found[k] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+        return found
+
+    def prepare(self, cell: Cell, k: int = 0) -> dict[str, Any] | tuple[Path, dict[str, str]]:
+        """The pre-launch verdict (an ``unsupported`` record), or launch k's scratch
+        folder holding ``payload.json`` and the ranks' environment."""
+        verdict = self.verdict(cell) if k == 0 else None
+        if verdict:
+            return verdict
+        knobs = cell.knobs
+        cell_dir = self.launch_dir(cell, k)
         # Threads per rank: this host's cores over the ranks it runs (a remote launcher sets its own).
         ranks_here = self.launcher.ranks_on_this_host(knobs.world_size)
         threads = max(1, (os.cpu_count() or 1) // (ranks_here or knobs.world_size))
         payload = {"knobs": knobs.resolved(), "steps": self.suite.steps, "warmup": self.suite.warmup, "seed": self.suite.seed}
-        if self.suite.profiles(knobs):  # traces next to the results: <run_id>.profiles/<cell_id>/rank<R>.trace.json.gz
+        if self.suite.profiles(knobs) and k == 0:  # traces next to the results: <run_id>.profiles/<cell_id>/rank<R>.trace.json.gz
             trace_dir = f"{self.run_file.run_id}.profiles/{cell.id}"
             payload["profile_dir"] = str((self.run_file.path.parent / trace_dir).resolve())
             payload["profile_trace_dir"] = trace_dir
@@ -140,7 +209,8 @@ class Runner:
 
     def _classify(self, cell: Cell, cell_dir: Path, outcome: LaunchOutcome) -> dict[str, Any]:
         stderr = _tail(outcome.stderr_path)
-        timing = {"wall_s": outcome.wall_s, "returncode": outcome.returncode, "launcher": self.launcher.name}
+        timing = {"wall_s": outcome.wall_s, "returncode": outcome.returncode, "launcher": self.launcher.name,
+                  "launch_start_unix": outcome.start_unix}
         result_path = cell_dir / "result.json"
         if result_path.exists():
             # Judge success by the record, not the exit code (DeepSpeed can abort after finishing).
@@ -148,7 +218,6 @@ class Runner:
             timed = sum(result["metrics"]["step_time_s"])
             timing["fixed_cost_s"] = outcome.wall_s - timed
             timing["phases_rank0"] = result.get("phases_rank0")
-            timing["launch_start_unix"] = outcome.start_unix
             reason = None if outcome.returncode == 0 else f"record complete; process exited {outcome.returncode} afterwards"
             return self._record(cell, status="ok", reason=reason, result=result, timing=timing)
         errors = [json.loads(p.read_text()) for p in sorted(cell_dir.glob("error.rank*.json"))]

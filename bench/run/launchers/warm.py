@@ -43,7 +43,7 @@ class WarmLocal:
 
     def launch(self, *, payload: Path, world_size: int, timeout_s: float, env: dict[str, str]) -> LaunchOutcome:
         server = self._ready()
-        cell_dir = payload.parent
+        cell_dir = payload.resolve().parent  # the ranks start in the source tree, not the user's directory
         out, err = cell_dir / "stdout.log", cell_dir / "stderr.log"
         request = {"payload": str(payload.resolve()), "world_size": world_size, "stdout": str(out), "stderr": str(err),
                    "env": {**os.environ, **LocalTorchrun.network_env(), **env}}
