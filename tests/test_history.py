@@ -173,7 +173,7 @@ def test_nightly_workflow_shell_steps_are_valid_bash():
         assert proc.returncode == 0, (step["name"], proc.stderr)
 
 
-def _run_compare_step(tmp_path, candidate_lines: list[str]) -> subprocess.CompletedProcess:
+def _run_compare_step(tmp_path, candidate_lines: list[str], base: list[str]) -> subprocess.CompletedProcess:
     """The workflow's compare step, as written, in a scratch checkout holding the golden run as baseline."""
     import os
     import re
@@ -182,7 +182,7 @@ def _run_compare_step(tmp_path, candidate_lines: list[str]) -> subprocess.Comple
 
     (tmp_path / "results" / "baselines").mkdir(parents=True)
     (tmp_path / "results" / "smoke").mkdir()
-    (tmp_path / "results" / "baselines" / "smoke.jsonl").write_text(GOLDEN.read_text())
+    (tmp_path / "results" / "baselines" / "smoke.jsonl").write_text("\n".join(base) + "\n")
     (tmp_path / "results" / "smoke" / "cand.jsonl").write_text("\n".join(candidate_lines) + "\n")
     (tmp_path / ".venv").symlink_to(ROOT / ".venv")
     script = re.sub(r"\$\{\{ steps\.suite\.outputs\.name \}\}", "smoke", _step("Compare")["run"])
@@ -191,12 +191,18 @@ def _run_compare_step(tmp_path, candidate_lines: list[str]) -> subprocess.Comple
 
 
 def test_nightly_compare_step_passes_a_a_and_fails_a_regression(tmp_path):
-    lines = GOLDEN.read_text().splitlines()
-    same = _run_compare_step(tmp_path / "aa", lines)
-    assert same.returncode == 0, same.stdout + same.stderr
-    slow = json.loads(lines[0])
-    slow["metrics"]["step_time_s"] = [1.3 * s for s in slow["metrics"]["step_time_s"]]
-    regressed = _run_compare_step(tmp_path / "slow", [json.dumps(slow), *lines[1:]])
+    """The step as written, on records of 10 launches each (the nightly protocol):
+    launch medians jittered ±2 % pass; the first cell 30 % slower fails it."""
+    from tests.test_compare import _with_launches
+
+    jitter = [1.00, 1.01, 0.99, 1.02, 0.98, 1.005, 0.995, 1.015, 0.985, 1.0]
+    golden = [json.loads(line) for line in GOLDEN.read_text().splitlines()]
+    base = [_with_launches(r, [r["metrics"]["step_time_median_s"] * j for j in jitter]) for r in golden]
+    same = [_with_launches(r, [r["metrics"]["step_time_median_s"] * j for j in reversed(jitter)]) for r in golden]
+    slow = [_with_launches(golden[0], [golden[0]["metrics"]["step_time_median_s"] * 1.3 * j for j in jitter]), *same[1:]]
+    aa = _run_compare_step(tmp_path / "aa", [json.dumps(r) for r in same], base=[json.dumps(r) for r in base])
+    assert aa.returncode == 0, aa.stdout + aa.stderr
+    regressed = _run_compare_step(tmp_path / "slow", [json.dumps(r) for r in slow], base=[json.dumps(r) for r in base])
     assert regressed.returncode == 1, regressed.stdout + regressed.stderr
     summary = (tmp_path / "slow" / "summary.md").read_text()
-    assert "**1 regression(s)**" in summary and slow["cell_id"] in summary
+    assert summary.startswith("**1 regression(s)**") and slow[0]["cell_id"] in summary

@@ -31,7 +31,8 @@ Step detection, per series of run values v_1..v_n:
      step as noise. Samples within one launch understate noise (on shared
      CPUs whole launches shift), so noise is judged between runs;
    * for step time and tokens/s (per-step tokens ÷ step time), a two-sided
-     Mann–Whitney U test on the pooled raw samples before vs after is significant at alpha ÷ (number of splits tried)
+     Mann–Whitney U test on the runs' launch medians (runs with ``repeat`` > 1;
+     a one-launch run contributes its steps) before vs after is significant at alpha ÷ (number of splits tried)
      (Bonferroni: the split was chosen as the best of those tried).
    The table says how many runs support each side.
 """
@@ -143,9 +144,11 @@ def build_series(runs: list[Run], records: list[dict[str, Any]]) -> list[Series]
 
 
 def _samples(metric: str, m: dict[str, Any]) -> list[float] | None:
-    """Raw per-step samples where the metric has them: step times, and tokens/s
-    per step (tokens per step ÷ each step's time), a monotone map of them."""
-    raw = m.get("step_time_s")
+    """The run's samples where the metric has them: its launch medians when it
+    launched cells more than once (the launch is the unit: never pooled steps),
+    else its one launch's step times; tokens/s is tokens per step ÷ each of them."""
+    launches = m.get("launches") or []
+    raw = [launch["median_s"] for launch in launches] if len(launches) > 1 else m.get("step_time_s")
     if not raw or metric not in ("step_time_s", "tokens_per_s"):
         return None
     if metric == "step_time_s":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.cli.analysis_cmds import cmd_compare, cmd_explain, cmd_export, cmd_history, cmd_report
+from bench.cli.analysis_cmds import cmd_ab, cmd_compare, cmd_explain, cmd_export, cmd_history, cmd_report
 from bench.cli.info_cmds import cmd_doctor, cmd_list, cmd_theory
 from bench.cli.plan_cmds import cmd_calibrate, cmd_plan
 from bench.cli.run_cmds import cmd_run, cmd_validate
@@ -52,9 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("candidate")
     p.add_argument("--time-threshold", type=float, default=0.05, help="step-time ratio past 1 that counts (default 0.05)")
     p.add_argument("--mem-threshold", type=float, default=0.02, help="memory/comm ratio past 1 that counts (default 0.02)")
-    p.add_argument("--alpha", type=float, default=0.05, help="significance of the Mann-Whitney U test (default 0.05)")
+    p.add_argument("--alpha", type=float, default=0.01, help="significance of the exact one-sided Mann-Whitney U test on launch medians (default 0.01)")
     p.add_argument("--md", help="also write the markdown summary here")
     p.add_argument("--html", help="also write an HTML summary here")
+
+    p = sub.add_parser("ab", help="A/B inside one run: cells with KNOB=BASE against KNOB=CAND (exit 1 on regression)")
+    p.add_argument("run", help="a run's .jsonl (measure both variants in one suite, with repeat)")
+    p.add_argument("--knob", required=True, help="the knob the variants differ in, e.g. adapter, fault, zero")
+    p.add_argument("--base", required=True, help="its value on the base side")
+    p.add_argument("--cand", required=True, help="its value on the candidate side")
+    p.add_argument("--time-threshold", type=float, default=0.05)
+    p.add_argument("--mem-threshold", type=float, default=0.02)
+    p.add_argument("--alpha", type=float, default=0.01)
+    p.add_argument("--md")
+    p.add_argument("--html")
 
     p = sub.add_parser("history", help="per-metric trends across runs, with step detection (HTML page)")
     p.add_argument("results_dir", help="a suite folder (its runs) or the results root (every suite's runs)")
@@ -96,6 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return {
         "run": cmd_run, "validate": cmd_validate, "report": cmd_report, "export": cmd_export,
-        "theory": cmd_theory, "list": cmd_list, "doctor": cmd_doctor, "compare": cmd_compare, "history": cmd_history,
+        "theory": cmd_theory, "list": cmd_list, "doctor": cmd_doctor, "compare": cmd_compare, "ab": cmd_ab, "history": cmd_history,
         "explain": cmd_explain, "plan": cmd_plan, "calibrate": cmd_calibrate,
     }[args.command](args)

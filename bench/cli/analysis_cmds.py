@@ -71,7 +71,7 @@ def _check_report_names(results_file: Path) -> None:
 
 
 def cmd_compare(args) -> int:
-    from bench.analysis.compare import compare, html_page, markdown
+    from bench.analysis.compare import compare
     from bench.run.results import resolve_results
 
     try:
@@ -83,6 +83,37 @@ def cmd_compare(args) -> int:
     if not findings:
         err_console.print(f"error: no cell of {cand} matches a cell of {base}")
         return 2
+    return _verdicts(findings, args, base, cand)
+
+
+def cmd_ab(args) -> int:
+    """A/B inside one run: the cells with KNOB = BASE against those with KNOB = CAND
+    (measured interleaved in one session, which is what removes drift)."""
+    from bench.analysis.compare import compare_records, split_run
+    from bench.config.knobs import KNOB_NAMES
+    from bench.run.results import read_records, resolve_results
+
+    if args.knob not in KNOB_NAMES:
+        err_console.print(f"error: --knob {args.knob!r} is not a knob (knobs: {', '.join(KNOB_NAMES)})")
+        return 2
+    try:
+        (run,) = resolve_results(args.run)
+    except (FileNotFoundError, ValueError) as exc:
+        err_console.print(f"error: {exc}")
+        return 2
+    base, cand = split_run(list(read_records(run)), args.knob, args.base, args.cand)
+    findings = compare_records(base, cand, time_threshold=args.time_threshold, mem_threshold=args.mem_threshold,
+                               alpha=args.alpha, ignore=(args.knob,))
+    if not findings:
+        err_console.print(f"error: no cell with {args.knob} = {args.cand} in {run} matches one with "
+                          f"{args.knob} = {args.base}")
+        return 2
+    return _verdicts(findings, args, Path(f"{run.name}:{args.knob}={args.base}"), Path(f"{run.name}:{args.knob}={args.cand}"))
+
+
+def _verdicts(findings, args, base: Path, cand: Path) -> int:
+    from bench.analysis.compare import html_page, markdown
+
     text = markdown(findings)
     print(text)  # plain: a markdown table must not be re-wrapped
     if args.md:

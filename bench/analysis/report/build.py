@@ -37,6 +37,12 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "label": f"{r['adapter']} {cell_label(c)}" + (" [patched]" if (r.get("notes") or {}).get("patched") else ""),
             **knobs,
             "step_time_ms": m.get("step_time_median_s", float("nan")) * 1e3 if m else float("nan"),
+            # launch statistics (repeat > 1): the median of launch medians, its CI across launches, the launch CV
+            "launches": len(m.get("launches") or [None]) if m else None,
+            "step_time_ci_ms": (f"[{m['step_time_ci_s'][0] * 1e3:.1f}, {m['step_time_ci_s'][1] * 1e3:.1f}]"
+                                if m and len(m.get("launches") or []) > 1 else ""),
+            "launch_cv_pct": (m["launch_cv"] * 100) if m and m.get("launch_cv") is not None else None,
+            "unstable": bool(m.get("unstable")) if m else False,
             "tokens_per_s": m.get("tokens_per_s") if m else None,
             "mfu_pct": (m["mfu"] * 100) if m and m.get("mfu") is not None else None,
             "peak_mem_mib": (m["peak_mem_bytes"] / 2**20) if m and m.get("peak_mem_bytes") else None,
@@ -183,7 +189,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
         ("step-time breakdown of the profiled step (forward / backward / optimizer / exposed comm / idle)",
          breakdown_plot(records)),
     ) if img]
-    columns = ["cell", "label", "status", "step_time_ms", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
+    columns = ["cell", "label", "status", "step_time_ms", "launches", "step_time_ci_ms", "launch_cv_pct", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
                "comm_mib_per_step", "final_loss", "fixed_cost_s"]
     html = _TEMPLATES.get_template("report.html.j2").render(
         suite=suite, run_id=run_id, env=records[0]["env"], table=df[columns].to_dict("records"), columns=columns,
