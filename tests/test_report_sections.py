@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
+
 from bench.analysis.report.build import support_matrix
 from bench.analysis.report.plots import loss_parity_plots, pipeline_timeline_plots, scaling_plots
 from tests.test_report_and_export import GOLDEN
@@ -84,3 +86,26 @@ def test_adapter_ratios_pair_cells_that_differ_only_in_adapter():
         assert mine["torch"]["mem_ratio"] == other["peak_mem_bytes"] / ref["peak_mem_bytes"]
     # One adapter only: nothing to compare.
     assert adapter_ratio_rows([r for r in records if r["adapter"] == "inhouse"]) == []
+
+
+def test_adapter_ratio_carries_its_launch_ci_and_the_strip_plot_shows_launches():
+    """With repeated launches the time ratio is the Hodges–Lehmann ratio with its CI;
+    a CI holding 1 reads as no significant difference; one dot per launch is drawn."""
+    from bench.analysis.report.adapter_ratios import adapter_ratio_rows
+    from bench.analysis.report.plots import launch_strip_plot
+    from tests.test_compare import _with_launches
+
+    golden = [json.loads(line) for line in GOLDEN.read_text().splitlines()]
+    inhouse, torch = golden[0], golden[1]  # the same cell under two adapters
+    jitter = [1.00, 1.02, 0.98, 1.01, 0.99]
+    ref = _with_launches(inhouse, [0.040 * j for j in jitter])
+    slower = _with_launches(torch, [0.052 * j for j in reversed(jitter)])
+    (row,) = [r for r in adapter_ratio_rows([ref, slower]) if r["adapter"] == "torch"]
+    low, high = row["time_ratio_ci"]
+    assert row["time_ratio"] == pytest.approx(1.3, rel=0.02) and 1.0 < low <= row["time_ratio"] <= high
+    assert row["time_significant"] is True
+    same = _with_launches(torch, [0.040 * j for j in reversed(jitter)])
+    (row,) = [r for r in adapter_ratio_rows([ref, same]) if r["adapter"] == "torch"]
+    assert row["time_ratio_ci"][0] < 1.0 < row["time_ratio_ci"][1] and row["time_significant"] is False
+    assert launch_strip_plot([ref, slower]) is not None
+    assert launch_strip_plot(golden) is None  # one launch per cell: nothing to strip

@@ -84,19 +84,26 @@ def hodges_lehmann_ratio(base: list[float], cand: list[float]) -> float:
     return statistics.median(c / b for c in cand for b in base)
 
 
+def ratio_ci(base: list[float], cand: list[float], *, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the Hodges–Lehmann ratio (launches resampled per side)."""
+    from scipy.stats import bootstrap
+
+    ci = bootstrap((base, cand), lambda b, c: hodges_lehmann_ratio(list(b), list(c)), vectorized=False,
+                   n_resamples=999, method="percentile", rng=seed).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
 def time_verdict(base: list[float], cand: list[float], *, alpha: float, threshold: float,
                  seed: int = 0) -> tuple[str, float, float | None, tuple[float, float] | None]:
     """(verdict, Hodges–Lehmann ratio, p of the tested direction, ratio CI) from launch medians."""
-    from scipy.stats import bootstrap, mannwhitneyu
+    from scipy.stats import mannwhitneyu
 
     ratio = hodges_lehmann_ratio(base, cand)
     if 1 / math.comb(len(base) + len(cand), len(base)) >= alpha:
         return "insufficient", ratio, None, None
     slower = float(mannwhitneyu(cand, base, alternative="greater", method="exact").pvalue)
     faster = float(mannwhitneyu(cand, base, alternative="less", method="exact").pvalue)
-    ci = bootstrap((base, cand), lambda b, c: hodges_lehmann_ratio(list(b), list(c)), vectorized=False,
-                   n_resamples=999, method="percentile", rng=seed).confidence_interval
-    interval = (float(ci.low), float(ci.high))
+    interval = ratio_ci(base, cand, seed=seed)
     if slower < alpha and ratio > 1 + threshold:
         return "regression", ratio, slower, interval
     if faster < alpha and ratio < 1 - threshold:

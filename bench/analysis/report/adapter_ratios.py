@@ -5,7 +5,10 @@ and communication per step beside the reference adapter's, as ratios.
 The reference is the in-house adapter when it ran the cell (TrainBench's own
 implementation, checked against theory), else the first adapter in name
 order. Ratios come from one run, measured the same way for every adapter, so
-they are the comparable figures; absolute times on a shared CPU are not.
+they are the comparable figures; absolute times on a shared CPU are not. With
+repeated launches the time ratio is the Hodges–Lehmann ratio of the launch
+medians with its bootstrap CI, and a CI that holds 1 reads "no significant
+difference" (``bench.analysis.compare``).
 The final-loss difference is relative to the reference's final loss.
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from bench.analysis.compare import hodges_lehmann_ratio, launch_medians, ratio_ci
 from bench.analysis.report.labels import cell_label, config_key
 
 REFERENCE_ADAPTER = "inhouse"
@@ -31,7 +35,8 @@ def adapter_ratio_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ref = by_adapter[ref_name]
         label = cell_label(ref["config"], drop=("adapter",))
         for name in sorted(by_adapter, key=lambda a: (a != ref_name, a)):
-            rows.append(_row(label, name, ref_name, by_adapter[name]["metrics"], ref["metrics"]))
+            rows.append(_row(label, name, ref_name, by_adapter[name]["metrics"], ref["metrics"])
+                        | _time_ci(by_adapter[name], ref))
     return sorted(rows, key=lambda row: row["cell"])
 
 
@@ -55,3 +60,13 @@ def _row(label: str, adapter: str, reference: str, m: dict[str, Any], ref: dict[
 
 def _final_loss(metrics: dict[str, Any]) -> float | None:
     return next((v for v in reversed(metrics.get("losses") or []) if v is not None), None)
+
+
+def _time_ci(record: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """The time ratio from launch medians, with its CI, where both cells ran more than one launch."""
+    mine, theirs = launch_medians(record), launch_medians(ref)
+    if record is ref or len(mine) < 2 or len(theirs) < 2:
+        return {"time_ratio_ci": None, "time_significant": None}
+    low, high = ratio_ci(theirs, mine)
+    return {"time_ratio": hodges_lehmann_ratio(theirs, mine), "time_ratio_ci": (low, high),
+            "time_significant": not low <= 1.0 <= high}

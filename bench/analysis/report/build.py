@@ -14,7 +14,7 @@ from bench.plan.planner import validation as planner_validation
 from bench.analysis.report.adapter_ratios import adapter_ratio_rows
 from bench.analysis.report.labels import DEFAULTS, cell_label, config_key
 from bench.analysis.report.plots import (busbw_plot, loss_parity_plots, metric_plot, pipeline_timeline_plots, scaling_plots,
-                                step_plot)
+                                step_plot, launch_strip_plot)
 from bench.analysis.report.pipeline import BUBBLE_TOLERANCE, pipeline_bubble_rows
 from bench.analysis.report.scaling_fit import scaling_fit_plot, scaling_rows
 from bench.run.results import read_records
@@ -176,6 +176,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
     df = frame(records)
     plots = [(title, img) for title, img in (
         ("step time", step_plot(records)),
+        ("step time per launch (repeat > 1)", launch_strip_plot(records)),
         *((f"{what} — {group}", metric_plot(df[(df.group == group) | (df.group == "baseline")], metric,
                                              f"{what}: {group} techniques beside the baseline cells"))
           for what, metric in (("tokens/s", "tokens_per_s"), ("peak memory MiB", "peak_mem_mib"),

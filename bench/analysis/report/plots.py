@@ -80,6 +80,29 @@ def step_plot(records: list[dict[str, Any]]) -> str | None:
     return _png(fig)
 
 
+def launch_strip_plot(records: list[dict[str, Any]]) -> str | None:
+    """One dot per launch (its median step time) for every cell launched more than
+    once, the cell's median as a bar: a bimodal cell shows two clusters."""
+    plt = _pyplot()
+    import seaborn as sns
+
+    rows = [{"cell": f"{r['adapter']} {r['cell_id']}" + (" UNSTABLE" if r["metrics"].get("unstable") else ""),
+             "adapter": r["adapter"], "launch_ms": launch["median_s"] * 1e3}
+            for r in records if r.get("metrics") and len(r["metrics"].get("launches") or []) > 1
+            for launch in r["metrics"]["launches"]]
+    if not rows:
+        return None
+    data = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * data["cell"].nunique() + 1.2))
+    sns.stripplot(data=data, y="cell", x="launch_ms", hue="adapter", jitter=0.15, ax=ax)
+    sns.pointplot(data=data, y="cell", x="launch_ms", estimator="median", errorbar=None, markers="|", color="black",
+                  linestyle="none", ax=ax)
+    ax.set_title("step time per launch (dots: launch medians; bar: the cell's median)")
+    ax.set_ylabel("")
+    _legend_outside(ax)
+    return _png(fig)
+
+
 def busbw_plot(records: list[dict[str, Any]]) -> str | None:
     """busbw against message size for the all-reduce workload (log-log)."""
     plt = _pyplot()
