@@ -43,6 +43,8 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
                                 if m and len(m.get("launches") or []) > 1 else ""),
             "launch_cv_pct": (m["launch_cv"] * 100) if m and m.get("launch_cv") is not None else None,
             "unstable": bool(m.get("unstable")) if m else False,
+            # tokens/s at the ends of the step-time CI (tokens per step ÷ each bound), for the plots' error bars
+            **_tokens_ci(m),
             "tokens_per_s": m.get("tokens_per_s") if m else None,
             "mfu_pct": (m["mfu"] * 100) if m and m.get("mfu") is not None else None,
             "peak_mem_mib": (m["peak_mem_bytes"] / 2**20) if m and m.get("peak_mem_bytes") else None,
@@ -53,6 +55,14 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "group": technique_group(r),
         })
     return pd.DataFrame(rows)
+
+
+def _tokens_ci(m: dict[str, Any]) -> dict[str, float | None]:
+    if not m or len(m.get("launches") or []) < 2 or not m.get("tokens_per_s"):
+        return {"tokens_per_s_low": None, "tokens_per_s_high": None}
+    per_step = m["tokens_per_s"] * m["step_time_median_s"]
+    low_s, high_s = m["step_time_ci_s"]
+    return {"tokens_per_s_low": per_step / high_s, "tokens_per_s_high": per_step / low_s}
 
 
 def technique_group(record: dict[str, Any]) -> str:

@@ -55,7 +55,14 @@ def metric_plot(df: pd.DataFrame, metric: str, title: str) -> str | None:
     if data.empty:
         return None
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(data) + 1.2))
-    sns.barplot(data=data, y="label", x=metric, hue="adapter", dodge=False, ax=ax, orient="h")
+    sns.barplot(data=data, y="label", x=metric, hue="adapter", dodge=False, ax=ax, orient="h", errorbar=None)
+    low, high = f"{metric}_low", f"{metric}_high"
+    if low in data and data[low].notna().any():  # launch CIs (repeat > 1), one bar per label in data order
+        rows = data.drop_duplicates("label").reset_index(drop=True)
+        has = rows[low].notna()
+        ax.errorbar(x=rows[metric][has], y=rows.index[has], fmt="none", ecolor="black", capsize=3,
+                    xerr=[(rows[metric] - rows[low])[has], (rows[high] - rows[metric])[has]])
+        title += " (bars: CI across launches)"
     ax.set_title(title)
     ax.set_ylabel("")
     _legend_outside(ax)
