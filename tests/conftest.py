@@ -44,3 +44,26 @@ def write_suite(tmp_path):
         return path
 
     return write
+
+
+def sigkill_runner_when(suite: Path, results: Path, run_id: str, ready, timeout_s: float = 120) -> list:
+    """Start `bench run` as a user would, wait until ``ready()`` (or the timeout),
+    SIGKILL the runner alone, and wait for its family; returns the family (the
+    processes the runner had started), so a test can check none outlived it."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    cmd = [sys.executable, "-m", "bench.cli", "run", str(suite), "--results", str(results), "--run-id", run_id,
+           "--no-progress"]
+    runner = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not ready():
+        time.sleep(0.1)
+    family = psutil.Process(runner.pid).children(recursive=True)
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait()
+    psutil.wait_procs(family, timeout=10)
+    return family

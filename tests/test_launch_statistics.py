@@ -5,12 +5,7 @@ interleaved, a failing launch ending its cell, and a killed run resuming only
 the missing launches."""
 from __future__ import annotations
 
-import os
-import signal
 import statistics
-import subprocess
-import sys
-import time
 
 import psutil
 import pytest
@@ -18,7 +13,7 @@ from scipy.stats import binom
 
 from bench.run.launch_stats import aggregate, launch_summary, median_ci, slow_mode_share
 from bench.run.schedule import interleaved
-from tests.conftest import ROOT, bench, records
+from tests.conftest import bench, records, sigkill_runner_when
 
 
 def test_interleaved_rounds_never_repeat_a_cell_back_to_back():
@@ -103,17 +98,10 @@ def test_a_failing_launch_ends_its_cell(run):
 def test_killed_run_resumes_the_missing_launches(tmp_path):
     (tmp_path / "suite.yaml").write_text(SUITE.replace("  - {adapter: inhouse, fault: raise}\n", ""))
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "bench.cli", "run", str(tmp_path / "suite.yaml"), "--results", str(results),
-           "--run-id", "killed", "--no-progress"]
-    runner = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     scratch = results / "repeats" / ".killed"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(scratch.glob("*/launch_record.json"))) < 4:
-        time.sleep(0.1)
-    family = psutil.Process(runner.pid).children(recursive=True)
-    os.kill(runner.pid, signal.SIGKILL)
-    runner.wait()
-    psutil.wait_procs(family, timeout=10)
+    family = sigkill_runner_when(tmp_path / "suite.yaml", results, "killed",
+                                 lambda: len(list(scratch.glob("*/launch_record.json"))) >= 4)
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "orphans after SIGKILL"
     finished = {p.parent.name for p in scratch.glob("*/launch_record.json")}
     assert 4 <= len(finished) < 9, finished
     out = bench("run", str(tmp_path / "suite.yaml"), "--results", str(results), "--resume", "killed", "--no-progress")

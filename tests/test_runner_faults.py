@@ -4,17 +4,11 @@ killed with SIGKILL resumes with one record per cell."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import ROOT, bench, records
+from tests.conftest import bench, records, sigkill_runner_when
 
 FAULTS = """
 name: {name}
@@ -106,18 +100,10 @@ matrix:
 def test_sigkill_mid_suite_then_resume_gives_one_record_per_cell(tmp_path):
     (tmp_path / "suite.yaml").write_text(RESUME)
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "bench.cli", "run", str(tmp_path / "suite.yaml"), "--results", str(results),
-           "--run-id", "killed", "--no-progress"]
-    runner = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_file = results / "resume" / "killed.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run_file.exists() and run_file.read_text().count("\n") >= 1):
-        time.sleep(0.2)
+    family = sigkill_runner_when(tmp_path / "suite.yaml", results, "killed",
+                                 lambda: run_file.exists() and run_file.read_text().count("\n") >= 1)
     assert run_file.exists(), "the first cell never finished"
-    family = psutil.Process(runner.pid).children(recursive=True)
-    os.kill(runner.pid, signal.SIGKILL)
-    runner.wait()
-    psutil.wait_procs(family, timeout=10)
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "orphans after SIGKILL"
     before = records(results, "resume")
     assert 1 <= len(before) < 4

@@ -72,6 +72,12 @@ def run(schedule: str, dims: ParallelDims, m: int, v: int, batch_size: int):
             stats = SCHEDULES[schedule](pipe, b.inputs, b.targets, m)
             update()
         all_stats.append(stats)
+    # PipeDream leaves gradient sends outstanding across steps (flush=False), kept
+    # alive by `pipe`; a gloo send dropped before its receiver posts the recv is
+    # lost, so `pipe` must outlive every rank's last recv: a slower stage would
+    # otherwise wait forever for a gradient a faster one had sent (seen: pp rank 1
+    # in P2P.recv, the others past the schedule, ~1 run in 4 on a loaded machine).
+    dist.barrier()
     return model, chunks, all_stats
 
 
