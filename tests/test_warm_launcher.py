@@ -7,6 +7,7 @@ check in tests/test_reliability.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -76,3 +77,17 @@ def test_fork_server_refuses_to_serve_after_cuda_initialised():
             "from bench.run.launchers import forkserver; raise SystemExit(forkserver.main())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, input="")
     assert proc.returncode == 3 and "CUDA was initialised" in json.loads(proc.stdout)["error"], proc.stdout
+
+
+@pytest.mark.parametrize("launcher", ["warm", "torchrun"])
+def test_bench_run_from_another_directory(tmp_path, launcher):
+    """A new user's first run: a suite and a relative results folder in their own
+    directory (the ranks start in the source tree, so every scratch path is absolute)."""
+    (tmp_path / "one.yaml").write_text("name: one\nsteps: 2\nwarmup: 1\ndefaults: {model: tiny, world_size: 2, "
+                                       "batch_size: 4, seq_len: 16}\n")
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "one.yaml", "--results", "res", "--no-progress",
+                           "--launcher", launcher], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (rec,) = records(tmp_path / "res", "one")
+    assert rec["status"] == "ok", rec["reason"]
