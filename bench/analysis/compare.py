@@ -178,6 +178,10 @@ def _order(f: Finding) -> tuple:
     return (VERDICTS.index(f.verdict), -(f.ratio or 0))
 
 
+def _launches(f: Finding) -> str:
+    return f"{f.launches[0]}/{f.launches[1]}" if f.launches else "—"
+
+
 def _ci(f: Finding) -> str:
     return f"[{f.ratio_ci[0]:.3f}, {f.ratio_ci[1]:.3f}]" if f.ratio_ci else "—"
 
@@ -187,9 +191,8 @@ def markdown(findings: list[Finding]) -> str:
              "| cell | metric | verdict | launches (base/cand) | base | candidate | ratio | ratio 95 % CI | p (exact U) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for f in sorted(findings, key=_order):
-        launches = f"{f.launches[0]}/{f.launches[1]}" if f.launches else "—"
         verdict = f"**{f.verdict}**" if f.regressed else f.verdict
-        lines.append(f"| {f.label} | {f.metric} | {verdict} | {launches} | {_fmt(f.base)} | {_fmt(f.candidate)} | "
+        lines.append(f"| {f.label} | {f.metric} | {verdict} | {_launches(f)} | {_fmt(f.base)} | {_fmt(f.candidate)} | "
                      f"{_fmt(f.ratio)} | {_ci(f)} | {_fmt(f.p_value)} |")
     return "\n".join(lines) + "\n"
 
@@ -197,7 +200,7 @@ def markdown(findings: list[Finding]) -> str:
 def html_page(findings: list[Finding], base: Path, cand: Path) -> str:
     rows = "".join(
         f"<tr class='{'bad' if f.regressed else ''}'><td>{html.escape(f.label)}</td><td>{f.metric}</td>"
-        f"<td>{f.verdict}</td><td>{f'{f.launches[0]}/{f.launches[1]}' if f.launches else '—'}</td>"
+        f"<td>{f.verdict}</td><td>{_launches(f)}</td>"
         f"<td>{html.escape(_fmt(f.base))}</td><td>{html.escape(_fmt(f.candidate))}</td><td>{_fmt(f.ratio)}</td>"
         f"<td>{_ci(f)}</td><td>{_fmt(f.p_value)}</td></tr>"
         for f in sorted(findings, key=_order)

@@ -79,6 +79,10 @@ class Runner:
                     if on_record:
                         on_record(record)
 
+                def complete(cell_id: str) -> None:  # every launch of the cell is in: its record
+                    finished = launched.pop(cell_id)
+                    finish(merge_launches([finished[i] for i in range(repeat)]))
+
                 launched: dict[str, dict[int, dict[str, Any]]] = {}
                 for cell in todo:
                     verdict = self.verdict(cell)
@@ -89,8 +93,7 @@ class Runner:
                         launched[cell.id] = self._finished_launches(cell)  # a resumed run keeps what it had
                         bar.advance(task, len(launched[cell.id]))
                         if len(launched[cell.id]) == repeat:  # killed between its last launch and its record
-                            finished = launched.pop(cell.id)
-                            finish(merge_launches([finished[i] for i in range(repeat)]))
+                            complete(cell.id)
                 by_id = {c.id: c for c in todo}
                 seed = f"{self.suite.seed}:{self.run_file.run_id}"
                 queue = interleaved([c.id for c in todo if c.id in launched], repeat, seed)
@@ -116,8 +119,7 @@ class Runner:
                         continue
                     launched[cell_id][k] = record
                     if len(launched[cell_id]) == repeat:
-                        finished = launched.pop(cell_id)
-                        finish(merge_launches([finished[i] for i in range(repeat)]))
+                        complete(cell_id)
         finally:
             close = getattr(self.launcher, "close", None)
             if close:
@@ -132,11 +134,9 @@ class Runner:
         return self._env
 
     def run_launch(self, cell: Cell, k: int = 0) -> dict[str, Any]:
-        """Launch ``k`` of a cell: its record as if it were the only one (kept in its scratch folder)."""
-        prepared = self.prepare(cell, k)
-        if isinstance(prepared, dict):
-            return prepared
-        cell_dir, env = prepared
+        """Launch ``k`` of a cell whose pre-launch verdict was taken: its record as if it
+        were the only one (kept in its scratch folder)."""
+        cell_dir, env = self._scratch(cell, k)
         outcome = self.launcher.launch(payload=cell_dir / "payload.json", world_size=cell.knobs.world_size,
                                        timeout_s=self.suite.timeout_s, env=env)
         record = self._classify(cell, cell_dir, outcome)
@@ -167,12 +167,13 @@ class Runner:
                 continue
         return found
 
-    def prepare(self, cell: Cell, k: int = 0) -> dict[str, Any] | tuple[Path, dict[str, str]]:
-        """The pre-launch verdict (an ``unsupported`` record), or launch k's scratch
-        folder holding ``payload.json`` and the ranks' environment."""
-        verdict = self.verdict(cell) if k == 0 else None
-        if verdict:
-            return verdict
+    def prepare(self, cell: Cell) -> dict[str, Any] | tuple[Path, dict[str, str]]:
+        """The pre-launch verdict (an ``unsupported`` record), or the first launch's
+        scratch folder holding ``payload.json`` and the ranks' environment."""
+        return self.verdict(cell) or self._scratch(cell, 0)
+
+    def _scratch(self, cell: Cell, k: int) -> tuple[Path, dict[str, str]]:
+        """Launch k's scratch folder with ``payload.json``, and the ranks' environment."""
         knobs = cell.knobs
         cell_dir = self.launch_dir(cell, k)
         # Threads per rank: this host's cores over the ranks it runs (a remote launcher sets its own).

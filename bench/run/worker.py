@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import signal
 import sys
 import time
 import traceback
@@ -21,16 +20,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from bench.run.launchers.process import die_with_parent
+
 FAULT_SLOWDOWN = 0.20
-
-
-def _die_with_parent() -> None:
-    """If torchrun dies (SIGKILL), take this rank down too: no orphans."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -53,7 +45,7 @@ def classify(exc: BaseException) -> str:
 
 
 def main(argv: list[str]) -> int:
-    _die_with_parent()
+    die_with_parent()  # if torchrun or the warm launch leader dies, this rank goes too
     payload_path = Path(argv[0])
     payload = json.loads(payload_path.read_text())
     cell_dir = payload_path.parent

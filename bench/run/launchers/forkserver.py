@@ -34,7 +34,6 @@ refuses to serve if ``torch.cuda.is_initialized()`` is true after its imports.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -43,16 +42,10 @@ import sys
 import time
 import traceback
 
-LOOPBACK = "127.0.0.1"
+from bench.run.launchers.process import LOOPBACK, die_with_parent
+
 GRACE_S = 5.0
 """How long the survivors of a failed rank get between SIGTERM and SIGKILL (torchrun: 30 s)."""
-
-
-def _pdeathsig() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def warm_imports() -> None:
@@ -86,7 +79,7 @@ def _reply(obj: dict) -> None:
 
 def main() -> int:
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    _pdeathsig()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the runner's to handle
     start = time.perf_counter()
     warm_imports()
@@ -116,7 +109,7 @@ def main() -> int:
 def _lead(request: dict) -> int:
     """One launch: a new session, the cell's logs, the rendezvous store, the ranks."""
     os.setsid()
-    _pdeathsig()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     _redirect(0, os.devnull, os.O_RDONLY)
     _redirect(1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)

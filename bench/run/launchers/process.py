@@ -19,22 +19,24 @@ from bench.run.launchers.base import LaunchOutcome
 
 
 def die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: this process gets SIGKILL when its parent dies (no orphans)."""
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
     except OSError:
         pass
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, the whole session: agent, ranks and anything they forked."""
+def kill_session(leader: int) -> None:
+    """SIGTERM, then SIGKILL, the session ``leader`` started: the leader (a torchrun
+    agent or the warm launcher's launch leader), its ranks and anything they forked."""
     try:
-        agent = psutil.Process(proc.pid)
-        family = [agent, *agent.children(recursive=True)]
+        head = psutil.Process(leader)
+        family = [head, *head.children(recursive=True)]
     except psutil.NoSuchProcess:
         family = []
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(leader, sig)
         except ProcessLookupError:
             pass
         for p in family:
@@ -46,6 +48,11 @@ def kill_tree(proc: subprocess.Popen) -> None:
         _, alive = psutil.wait_procs(family, timeout=2 if sig == signal.SIGTERM else 5)
         if not alive:
             break
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """``kill_session`` for an agent this process started, then reap it."""
+    kill_session(proc.pid)
     proc.wait()
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 from bench import REPO
 from bench.run.launchers.base import LaunchOutcome
-from bench.run.launchers.process import die_with_parent
+from bench.run.launchers.process import die_with_parent, kill_session
 from bench.run.launchers.torchrun import LocalTorchrun
 
 READY_TIMEOUT_S = 120.0
@@ -43,9 +42,9 @@ class WarmLocal:
 
     def launch(self, *, payload: Path, world_size: int, timeout_s: float, env: dict[str, str]) -> LaunchOutcome:
         server = self._ready()
-        cell_dir = payload.resolve().parent  # the ranks start in the source tree, not the user's directory
-        out, err = cell_dir / "stdout.log", cell_dir / "stderr.log"
-        request = {"payload": str(payload.resolve()), "world_size": world_size, "stdout": str(out), "stderr": str(err),
+        payload = payload.resolve()  # the ranks start in the source tree, not the user's directory
+        out, err = payload.parent / "stdout.log", payload.parent / "stderr.log"
+        request = {"payload": str(payload), "world_size": world_size, "stdout": str(out), "stderr": str(err),
                    "env": {**os.environ, **LocalTorchrun.network_env(), **env}}
         start, start_unix = time.perf_counter(), time.time()
         leader = None
@@ -56,11 +55,11 @@ class WarmLocal:
             reply = self._read(max(0.0, timeout_s - (time.perf_counter() - start)))
             timed_out = reply is None
             if timed_out:
-                _kill_group(leader)
+                kill_session(leader)
                 reply = self._read(30.0)
         except BaseException:
             if leader is not None:
-                _kill_group(leader)  # Ctrl-C or a broken server: leave nothing behind
+                kill_session(leader)  # Ctrl-C or a broken server: leave nothing behind
             self.close()
             raise
         code = reply.get("returncode") if reply else None
@@ -102,18 +101,3 @@ class WarmLocal:
             self._server.wait()
         self._server = None
 
-
-def _kill_group(leader: int) -> None:
-    """SIGTERM, then SIGKILL, the launch's session: its leader and every rank."""
-    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 0.0)):
-        try:
-            os.killpg(leader, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(leader, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
