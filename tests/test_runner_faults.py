@@ -121,5 +121,5 @@ def test_sigkill_mid_suite_then_resume_gives_one_record_per_cell(tmp_path):
             assert line.startswith('{"schema_version": 1, "cell_id": "torn')
     ids = [r["cell_id"] for r in parsed]
     assert len(ids) == 4 and len(set(ids)) == 4
-    assert all(r["status"] == "ok" for r in parsed)
+    assert all(r["status"] == "ok" for r in parsed), [(r["status"], r["reason"], (r.get("stderr_tail") or "")[-600:]) for r in parsed if r["status"] != "ok"]
     assert [r["cell_id"] for r in parsed[: len(before)]] == [r["cell_id"] for r in before]  # nothing lost or rewritten
