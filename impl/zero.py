@@ -302,6 +302,6 @@ def decoder_units(model: nn.Module) -> list[list[nn.Module]]:
 
 
 def apply_zero(model: nn.Module, *, stage: int, group=None, param_dtype: torch.dtype = torch.float32,
-               offload_optimizer: bool = False, scaler=None) -> ZeroDataParallel:
+               offload_optimizer: bool = False, scaler=None, prefetch: bool = True) -> ZeroDataParallel:
     return ZeroDataParallel(model, decoder_units(model), stage=stage, group=group, param_dtype=param_dtype,
-                            offload_optimizer=offload_optimizer, scaler=scaler)
+                            offload_optimizer=offload_optimizer, scaler=scaler, prefetch=prefetch)

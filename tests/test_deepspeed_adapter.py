@@ -2,7 +2,9 @@
 the single-process reference for ZeRO 0-3, offload, accumulation and
 checkpointing; communication and model-state bytes equal what DeepSpeed
 really does, which the test pins against the ZeRO formulas (and the record
-explains where DeepSpeed sends or keeps more)."""
+explains where DeepSpeed sends or keeps more). The cells run under
+`framework_config: theory` (ZeRO-3 gathers every parameter twice); DeepSpeed's
+defaults are checked in tests/test_framework_config.py."""
 from __future__ import annotations
 
 import pytest
@@ -18,7 +20,8 @@ name: ds-adapter
 steps: {STEPS}
 warmup: {WARMUP}
 timeout_s: 300
-defaults: {{model: tiny, world_size: 2, batch_size: 8, seq_len: 32, precision: fp32, adapter: deepspeed}}
+defaults: {{model: tiny, world_size: 2, batch_size: 8, seq_len: 32, precision: fp32, adapter: deepspeed,
+           framework_config: theory}}
 matrix:
   zero: [0, 1, 2, 3]
 include:

@@ -2,7 +2,9 @@
 the whole harness on CPU ranks: fp32 losses equal the single-process reference,
 the stage split, p2p traffic and model state are what the 1F1B schedule implies,
 DeepSpeed's comms logger agrees with the harness meter on the same step, and the
-schedules and ZeRO stages DeepSpeed cannot pipeline are unsupported with reasons."""
+schedules and ZeRO stages DeepSpeed cannot pipeline are unsupported with reasons.
+Under `framework_config: theory` (equal blocks per stage, partition_method
+"uniform"); DeepSpeed's default cut is checked in tests/test_framework_config.py."""
 from __future__ import annotations
 
 import pytest
@@ -22,7 +24,7 @@ steps: {STEPS}
 warmup: {WARMUP}
 timeout_s: 300
 defaults: {{model: tiny, world_size: 2, pp: 2, microbatches: {M}, batch_size: {B}, seq_len: {T}, precision: fp32,
-           adapter: deepspeed}}
+           adapter: deepspeed, framework_config: theory}}
 include:
   - {{world_size: 4, zero: 1, microbatches: 2}}
   - {{precision: bf16}}

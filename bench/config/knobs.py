@@ -78,6 +78,14 @@ class Knobs(BaseModel):
     `attention` times one attention-core forward + backward per step at the
     model's head shape (bench/workloads/attention.py)."""
     message_bytes: int = Field(default=2**20, strict=True, ge=4, le=2**34)
+    framework_config: Literal["default", "theory", "tuned"] = "default"
+    """How each framework is configured: `default`, as its own docs recommend (exceptions
+    recorded with their reason); `theory`, the settings that make its traffic match the
+    paper's volume (theory-validation cells only); `tuned`, the best of a small documented
+    search, one cell per candidate (bench/config/framework_config.py)."""
+    tuning_candidate: int = Field(default=0, strict=True, ge=0)
+    """With `framework_config: tuned`, which candidate of the tuning space this cell runs;
+    a suite that leaves it out gets one cell per candidate."""
     fault: Fault = "none"
     """Test-only fault injection: raise, hang, oom (a real failed allocation),
     segfault, or slow (every timed step 20 % slower)."""
@@ -149,6 +157,7 @@ class Knobs(BaseModel):
             raise ValueError(f"checkpoint_every = {self.checkpoint_every} needs checkpointing = 'full'")
         if self.checkpoint_every > cfg.n_layers:
             raise ValueError(f"checkpoint_every = {self.checkpoint_every} exceeds the {cfg.n_layers} layers of {self.model!r}")
+        _check_tuning(self)
         _check_context_parallel(self.cp, self.sequence_parallel, self.tp_mode, self.seq_len)
         if self.sequence_parallel == "megatron" and self.tp < 2:
             raise ValueError("sequence_parallel = 'megatron' needs tp >= 2")
@@ -186,6 +195,18 @@ class Knobs(BaseModel):
     def resolved(self) -> dict[str, Any]:
         """Every knob with its resolved value, JSON-ready."""
         return self.model_dump(mode="json")
+
+
+def _check_tuning(knobs: "Knobs") -> None:
+    if knobs.tuning_candidate and knobs.framework_config != "tuned":
+        raise ValueError(f"tuning_candidate = {knobs.tuning_candidate} needs framework_config = 'tuned'")
+    if knobs.framework_config == "tuned":
+        from bench.config.framework_config import tuning_space
+
+        n = len(tuning_space(knobs))
+        if knobs.tuning_candidate >= n:
+            raise ValueError(f"tuning_candidate = {knobs.tuning_candidate}: the {knobs.adapter} tuning space of this "
+                             f"cell has {n} candidate(s) (0..{n - 1})")
 
 
 def _check_context_parallel(cp: int, sequence_parallel: str, mode: str, seq_len: int) -> None:

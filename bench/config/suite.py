@@ -208,6 +208,12 @@ def expand(suite: Suite, *, source: str = "<suite>", max_cells: int = MAX_CELLS)
         except ValidationError as exc:
             problems += _describe(exc, prefix=f"{label}: ")
             continue
+        if knobs.framework_config == "tuned" and "tuning_candidate" not in values:
+            # One cell per candidate of the tuning space; the analysis keeps the best.
+            from bench.config.framework_config import tuning_space
+
+            for i in range(1, len(tuning_space(knobs))):
+                candidates.append((f"{label} (tuning candidate {i})", {**values, "tuning_candidate": i}))
         plan = None
         if knobs.strategy == "auto" or suite.predict:  # resolved before launch: the best plan's knobs
             from bench.plan.planner import attach

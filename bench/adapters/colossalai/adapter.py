@@ -28,6 +28,8 @@ import torch
 
 from bench.adapters.base import ALL_DEVICES, Adapter, Capabilities, TrainStep
 from bench.adapters.step import accumulating_step
+from bench.adapters.torch.adapter import ddp_kwargs
+from bench.config.framework_config import Setting, describe, settings_for
 from bench.config.knobs import Knobs
 from bench.config.techniques import used_by
 from bench.workloads.train import BETAS, EPS, LR, WEIGHT_DECAY, Batch, torch_optimizer
@@ -120,16 +122,17 @@ class ColossalAIAdapter(Adapter):
         optimizer = _optimizer(knobs, model)
         if dims.dp > 1:
             # Same DDP settings as the torch adapter (the RoPE buffers are identical on every rank).
-            plugin = TorchDDPPlugin(broadcast_buffers=False)
-            booster = Booster(plugin=plugin)
+            kwargs = ddp_kwargs(knobs)
+            booster = Booster(plugin=TorchDDPPlugin(**kwargs))
             model_w, optimizer_w, *_ = booster.boost(model, optimizer)
-            notes["plugin"] = "TorchDDPPlugin(broadcast_buffers=False)"
+            notes["plugin"] = f"TorchDDPPlugin({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
             forward, no_sync = model_w, lambda: booster.no_sync(model_w, optimizer_w)
             stepper = optimizer_w  # OptimizerWrapper: zero_grad()/step() as torch's
         else:
             forward, no_sync, stepper = model, nullcontext, optimizer
         step = accumulating_step(forward, stepper, microbatches=knobs.microbatches, no_sync=no_sync)
         notes["optimizer_class"] = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+        notes["framework_config"] = describe(knobs, settings_for(knobs))
         return TrainStep(step, modules=[model], optimizers=[optimizer], notes=notes)
 
 
@@ -163,6 +166,7 @@ def _build_fsdp1(knobs: Knobs, model: Decoder, device: torch.device, notes: dict
     notes["plugin"] = f"TorchFSDPPlugin({SHARDING[knobs.zero]}, FSDP1 use_orig_params=False)"
     notes["optimizer_class"] = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
     notes.update(fsdp1_notes(knobs))
+    notes["framework_config"] = describe(knobs, [])
     # The plugin's no_sync raises NotImplementedError; FSDP1's own no_sync is the same context.
     step = accumulating_step(model_w, stepper, microbatches=knobs.microbatches, no_sync=fsdp.no_sync)
     return TrainStep(step, modules=[fsdp], optimizers=[optimizer], notes=notes)
@@ -211,6 +215,9 @@ def _build_hybrid(knobs: Knobs, model: Decoder, dims: ParallelDims, device: torc
                  plugin=f"HybridParallelPlugin(tp_size={dims.tp}, pp_size={dims.pp}, zero_stage={knobs.zero}"
                         + (", sequence_parallelism_mode='split_gather'" if sp else "")
                         + (f", 1F1B, {knobs.microbatches} micro-batches" if dims.pp > 1 else "") + ")")
+    notes["framework_config"] = describe(knobs, [Setting(
+        "HybridParallelPlugin.parallel_output", False, True,
+        "the full (B, T, V) logits, gathered over the vocabulary, so the loss is lm_loss as in every other cell")])
     if dims.tp > 1:
         notes["comm_vs_theory"] = (
             "shardformer makes HF Llama's separate q/k/v and gate/up projections five Linear1D_Col layers, each "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import os
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from bench.adapters.base import ALL_DEVICES, Adapter, Capabilities, TrainStep, Unsupported
 from bench.adapters.deepspeed.comms import CONFIG as COMMS_LOGGER
 from bench.adapters.deepspeed.pipeline import UNSUPPORTED_SCHEDULES, why_not_pipeline
+from bench.config.framework_config import DEEPSPEED_DEFAULTS, Setting, deepspeed_settings, describe, value
 from bench.config.knobs import Knobs
 from bench.workloads.train import BETAS, EPS, LR, SGD_MOMENTUM, WEIGHT_DECAY, Batch
 from impl.model import Decoder, lm_loss, total_params
@@ -90,12 +90,16 @@ class DeepSpeedAdapter(Adapter):
 
         from bench.adapters.deepspeed import comms as deepspeed_comms, pipeline as deepspeed_pipeline
 
-        config = deepspeed_config(knobs, total_params(model.cfg), max(p.numel() for p in model.parameters()))
+        psi, largest = total_params(model.cfg), max(p.numel() for p in model.parameters())
+        config = deepspeed_config(knobs, psi, largest)
         # Measured before ZeRO-3 partitions the parameters (numel() is 0 after).
         recomputed = _layer_fraction(model) if knobs.checkpointing == "full" else 0.0
+        persistent = _persistent_fraction(model, config["zero_optimization"]) if knobs.zero == 3 else 0.0
         if knobs.checkpointing == "full":
             _checkpoint_layers(model)
-        module = deepspeed_pipeline.pipeline_module(model, dims, device) if dims.pp > 1 else model
+        settings = framework_settings(knobs, psi, largest)
+        partition = value(settings, "pipeline.partition_method") if dims.pp > 1 else None
+        module = deepspeed_pipeline.pipeline_module(model, dims, device, partition) if dims.pp > 1 else model
         engine, _, _, _ = deepspeed.initialize(
             model=module,
             model_parameters=[p for p in module.parameters() if p.requires_grad],
@@ -108,6 +112,7 @@ class DeepSpeedAdapter(Adapter):
             "wrapper": f"deepspeed.DeepSpeedEngine ({type(engine.optimizer).__name__})",
             "optimizer_class": type(_inner_optimizer(engine)).__name__,
             "deepspeed_config": config,
+            "framework_config": describe(knobs, settings),
             "checkpointing": "deepspeed.checkpointing.checkpoint around each Block.forward"
             if knobs.checkpointing == "full" else None,
             "model_state_accounting": (
@@ -118,8 +123,9 @@ class DeepSpeedAdapter(Adapter):
                 "then reduces and frees them, so at the boundary only its partition (4Ψ/N) remains."
             ),
         }
-        notes.update(deepspeed_pipeline.pipeline_notes(knobs, engine) if dims.pp > 1
-                     else deepspeed_comms.comm_vs_theory(knobs, recomputed_fraction=recomputed))
+        notes.update(deepspeed_pipeline.pipeline_notes(knobs, engine, partition) if dims.pp > 1
+                     else deepspeed_comms.comm_vs_theory(knobs, recomputed_fraction=recomputed,
+                                                         persistent_fraction=persistent))
         window = deepspeed_comms.CommsLoggerWindow(dims.dp)
         notes[deepspeed_comms.NOTES_KEY] = window.summary  # filled in place on the metered step
         fn = (deepspeed_pipeline.pipeline_step_fn(engine, knobs.microbatches, state, window) if dims.pp > 1
@@ -129,31 +135,13 @@ class DeepSpeedAdapter(Adapter):
 
 
 def deepspeed_config(knobs: Knobs, psi: int, largest_param_numel: int = 0) -> dict[str, Any]:
-    """The knobs as a DeepSpeed config dict (https://www.deepspeed.ai/docs/config-json/)."""
+    """The knobs as a DeepSpeed config dict (https://www.deepspeed.ai/docs/config-json/); the
+    ZeRO settings per `framework_config` (``bench.config.framework_config.deepspeed_settings``)."""
     micro = knobs.batch_size // (knobs.dp * knobs.microbatches)
-    # Buckets sized to the model: DeepSpeed's default (5e8 elements, ~Ψ/15 of
-    # the 7.5B model in the ZeRO paper) allocates ~1.9 GB on a tiny model. Ψ/8
-    # keeps a few buckets per step (bucket count changes calls, not volume);
-    # no smaller than the largest parameter, which DeepSpeed reduces alone.
-    bucket = int(min(max(math.ceil(psi / 8), largest_param_numel, 1), 5e8))
-    zero: dict[str, Any] = {
-        "stage": knobs.zero,
-        "reduce_bucket_size": bucket,
-        "allgather_bucket_size": bucket,
-    }
-    if knobs.zero == 3:
-        zero.update({
-            # Partition every parameter: the default keeps params under 1e5
-            # elements whole on every rank (all of `tiny`), never gathered.
-            "stage3_param_persistence_threshold": 0,
-            # Release each parameter after use so backward gathers it again (the
-            # 3Ψ(N−1)/N of ZeRO §7.2.2), and prefetch nothing: DeepSpeed keeps a
-            # prefetched parameter whose next use it skipped, which removes some
-            # backward gathers (measured: 1.2Ψ instead of 2Ψ gathered per step
-            # with a Ψ/7 prefetch bucket on `tiny`). Costs overlap on GPUs.
-            "stage3_max_reuse_distance": 0,
-            "stage3_prefetch_bucket_size": 0,
-        })
+    zero: dict[str, Any] = {"stage": knobs.zero}
+    for s in deepspeed_settings(knobs, psi, largest_param_numel):
+        if s.name.startswith("zero_optimization.") and s.value is not None:
+            zero[s.name.removeprefix("zero_optimization.")] = s.value
     if knobs.offload != "none":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": knobs.device == "cuda"}
     if knobs.offload == "optimizer+params":
@@ -176,6 +164,19 @@ def deepspeed_config(knobs: Knobs, psi: int, largest_param_numel: int = 0) -> di
     if knobs.optimizer == "sgd":
         config["zero_allow_untested_optimizer"] = True
     return config
+
+
+def framework_settings(knobs: Knobs, psi: int, largest_param_numel: int) -> list[Setting]:
+    """Every DeepSpeed setting of this cell, the config's and the cell-driven ones, for the record."""
+    settings = deepspeed_settings(knobs, psi, largest_param_numel)
+    if knobs.offload == "none" and knobs.fusion != "fused" and knobs.optimizer == "adamw":
+        settings.append(Setting("optimizer.params.torch_adam", True, False,
+                                "fusion: none asks for the unfused torch.optim.AdamW (DeepSpeed's default is "
+                                "FusedAdam, the cell's fusion: fused)"))
+    if knobs.optimizer == "sgd":
+        settings.append(Setting("zero_allow_untested_optimizer", True, False,
+                                "SGD is not a DeepSpeed optimizer type; the engine takes torch.optim.SGD only with it"))
+    return settings
 
 
 def _optimizer_config(knobs: Knobs) -> dict[str, Any]:
@@ -226,8 +227,11 @@ class _ModelState:
 
     def tensors(self) -> dict[str, list[torch.Tensor]]:
         opt = self.engine.optimizer
-        params = [p.ds_tensor if self.stage == 3 and hasattr(p, "ds_tensor") else p
-                  for p in self.engine.module.parameters()]
+        # ZeRO-3 holds each parameter's partition (ds_tensor); a persistent one (at or under
+        # stage3_param_persistence_threshold) is also kept whole, gathered after every update.
+        params = [t for p in self.engine.module.parameters()
+                  for t in ((p.ds_tensor, *((p,) if getattr(p, "ds_persist", False) else ()))
+                            if self.stage == 3 and hasattr(p, "ds_tensor") else (p,))]
         # fp32 master copies: ZeRO-1/2 keep a partition clone even in fp32
         # training, and so does ZeRO-3 (its share-if-fp32 shortcut compares a
         # torch.device with a device-name string, never equal); the 16-bit
@@ -289,6 +293,14 @@ def _step_fn(engine, microbatches: int, state: _ModelState, window):
         return total
 
     return step
+
+
+def _persistent_fraction(model: Decoder, zero: dict[str, Any]) -> float:
+    """Share of Ψ that ZeRO-3 keeps whole on every rank (parameters at or under the persistence threshold)."""
+    threshold = zero.get("stage3_param_persistence_threshold", DEEPSPEED_DEFAULTS[
+        "zero_optimization.stage3_param_persistence_threshold"])
+    sizes = [p.numel() for p in model.parameters()]
+    return sum(n for n in sizes if n <= threshold) / sum(sizes)
 
 
 def _layer_fraction(model: Decoder) -> float:

@@ -193,9 +193,11 @@ def _mean(values) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def comm_vs_theory(knobs: Knobs, *, recomputed_fraction: float = 0.0) -> dict[str, Any]:
+def comm_vs_theory(knobs: Knobs, *, recomputed_fraction: float = 0.0, persistent_fraction: float = 0.0) -> dict[str, Any]:
     """Why the measured volume differs from theory.dp_comm_elements, and by how much
-    (bus bytes per rank per step; Ψ parameters, N ranks, m micro-batches)."""
+    (bus bytes per rank per step; Ψ parameters, N ranks, m micro-batches).
+    ``persistent_fraction``: the share of Ψ in ZeRO-3 parameters small enough to
+    stay whole on every rank (stage3_param_persistence_threshold)."""
     if knobs.dp == 1:
         return {}
     m = knobs.microbatches
@@ -216,11 +218,33 @@ def comm_vs_theory(knobs: Knobs, *, recomputed_fraction: float = 0.0) -> dict[st
             ),
             "comm_expected_ratio": (2 * reductions + 1) / theory,
         }
-    text = ("each parameter all-gathered before its forward and again before its backward (persistence threshold "
-            "0, reuse distance 0, no prefetch), gradients reduce-scattered: 3Ψ(N−1)/N per micro-batch, as theory. "
+    if knobs.framework_config != "theory":
+        return _zero3_defaults(persistent_fraction)
+    text = ("each parameter all-gathered before its forward and again before its backward (framework_config: "
+            "theory — persistence threshold 0, reuse distance 0, no prefetch), gradients reduce-scattered: "
+            "3Ψ(N−1)/N per micro-batch, as theory. "
             "Plus a scalar all-reduce for the gradient norm and, on the step after DeepSpeed completes its module "
             "trace (the second), 6 small broadcasts checking the trace matches across ranks (~2 KB).")
     if recomputed_fraction:
         text += (f" Full checkpointing: backward's recompute gathers the blocks' parameters once more "
                  f"(+{recomputed_fraction:.3f}Ψ(N−1)/N).")
     return {"comm_vs_theory": text, "comm_expected_ratio": 1.0 + recomputed_fraction / 3}
+
+
+def _zero3_defaults(persistent: float) -> dict[str, Any]:
+    """ZeRO-3 with DeepSpeed's defaults (one micro-batch): gradients reduce-scattered (Ψ);
+    persistent parameters all-gathered once per step, after the update rebuilds them whole
+    (stage3.py ``_post_step``); the rest gathered before forward and at most once more
+    before backward (prefetch and the reuse distance keep some gathered)."""
+    g = 1.0 - persistent
+    text = (f"DeepSpeed's ZeRO-3 defaults: parameters of at most stage3_param_persistence_threshold = 1e5 elements "
+            f"({persistent:.0%} of Ψ here) stay whole on every rank: never gathered for forward or backward, only "
+            f"once per step after the update (stage3 _post_step); the other {g:.0%} are gathered before forward and, "
+            "unless the 5e7-element prefetch or the 1e9 reuse distance keeps them, again before backward; gradients "
+            "are reduce-scattered (Ψ). Gathered: Ψ (each parameter once) to (1 + {g:.3f})Ψ, where theory (ZeRO §7.2.2) "
+            f"gathers 2Ψ: 3Ψ(N−1)/N in all. Expected: 2/3 to (2 + {g:.3f})/3 of theory, plus a scalar all-reduce and "
+            "~2 KB of trace-check broadcasts.")
+    out: dict[str, Any] = {"comm_vs_theory": text, "comm_expected_ratio_range": [2 / 3, (2 + g) / 3]}
+    if g == 0:
+        out["comm_expected_ratio"] = 2 / 3
+    return out

@@ -35,9 +35,9 @@ from bench.workloads.train import Batch
 from impl.model import Decoder, lm_loss
 from impl.parallel_dims import ParallelDims
 
-PARTITION_METHOD = "uniform"
-"""Equal layer counts per stage (embedding and head count as one layer each).
-DeepSpeed's default, "parameters", balances parameter counts instead."""
+# partition_method: DeepSpeed's default "parameters" balances parameter counts
+# (framework_config: default); "uniform", equal layer counts per stage (embedding
+# and head count as one layer each), is the theory mode's cut.
 
 SCHEDULE = "1f1b"
 UNSUPPORTED_SCHEDULES = {
@@ -118,7 +118,7 @@ class _Head(nn.Module):
         return self.output(self.norm(h))
 
 
-def pipeline_module(model: Decoder, dims: ParallelDims, device: torch.device):
+def pipeline_module(model: Decoder, dims: ParallelDims, device: torch.device, partition_method: str):
     """The decoder as a ``deepspeed.pipe.PipelineModule`` holding this rank's stage."""
     import deepspeed
     from deepspeed.pipe import PipelineModule
@@ -128,13 +128,13 @@ def pipeline_module(model: Decoder, dims: ParallelDims, device: torch.device):
     # PipelineModule needs deepspeed.comm before initialize(); this wraps the harness's process group.
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     topology = ProcessTopology(axes=["data", "pipe"], dims=[dims.dp, dims.pp])
-    return PipelineModule(layers=layers, topology=topology, loss_fn=lm_loss, partition_method=PARTITION_METHOD)
+    return PipelineModule(layers=layers, topology=topology, loss_fn=lm_loss, partition_method=partition_method)
 
 
-def pipeline_notes(knobs: Knobs, engine) -> dict[str, Any]:
+def pipeline_notes(knobs: Knobs, engine, partition_method: str) -> dict[str, Any]:
     return {
         "pipeline": f"deepspeed.pipe.PipelineEngine TrainSchedule (1F1B), {knobs.pp} stages, {knobs.microbatches} "
-                    f"micro-batches, partition_method {PARTITION_METHOD!r}",
+                    f"micro-batches, partition_method {partition_method!r}",
         "pipeline_stage_rank0": stage_layers(engine.module),
         "comm_vs_theory": COMM_NOTE,
     }
@@ -143,7 +143,7 @@ def pipeline_notes(knobs: Knobs, engine) -> dict[str, Any]:
 def stage_layers(module) -> dict[str, Any]:
     """Which layers this rank's stage holds (DeepSpeed's partition boundaries)."""
     names = ["embedding", *(f"block{i}" for i in range(len(module._layer_specs) - 2)), "head"]
-    return {"stage": module.stage_id, "parts": list(module.parts),
+    return {"stage": module.stage_id, "parts": [int(p) for p in module.parts],
             "layers": names[module._local_start:module._local_stop]}
 
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from bench.adapters.base import Adapter, Capabilities, TrainStep, runs_everywhere
 from bench.adapters.step import accumulating_step
 from bench.adapters.inhouse.optimizers import ELEMENTWISE, NOTES, extra_state, make_optimizer
+from bench.config.framework_config import describe, inhouse_settings, value
 from bench.config.knobs import Knobs
 from impl.allreduce import ALGORITHMS, validate_algorithm
 from impl.checkpointing import apply_activation_checkpointing
@@ -84,6 +85,7 @@ class InhouseAdapter(Adapter):
 
             sparse = sparse_notes(knobs, model)
         step = self._build(knobs, model, dims, device)
+        step.notes.setdefault("framework_config", describe(knobs, inhouse_settings(knobs)))
         if sparse:
             step.notes["attention"] = sparse
         return step
@@ -108,7 +110,9 @@ class InhouseAdapter(Adapter):
             from bench.adapters.inhouse.pipeline import build_pipeline
 
             return build_pipeline(knobs, model, dims, device)
-        notes: dict = {"model_type": "impl.model.Decoder", "optimizer_impl": NOTES[knobs.optimizer]}
+        settings = inhouse_settings(knobs)
+        notes: dict = {"model_type": "impl.model.Decoder", "optimizer_impl": NOTES[knobs.optimizer],
+                       "framework_config": describe(knobs, settings)}
         # Plan order (torchtitan's): op fusion (it replaces block forwards) →
         # activation checkpointing (wraps those forwards) → compile → mixed
         # precision → data parallel or ZeRO, last, since it must see the final
@@ -129,7 +133,8 @@ class InhouseAdapter(Adapter):
             model.to(param_dtype)
             scaler = DynamicLossScaler() if knobs.precision == "fp16" else None
             zero = apply_zero(model, stage=knobs.zero, group=dist.group.WORLD, param_dtype=param_dtype,
-                              offload_optimizer=knobs.offload == "optimizer", scaler=scaler)
+                              offload_optimizer=knobs.offload == "optimizer", scaler=scaler,
+                              prefetch=value(settings, "zero.prefetch"))
             optimizer = zero.make_optimizer(lambda shards: make_optimizer(knobs.optimizer, _unnamed(shards)))
             step = accumulating_step(model, zero, microbatches=knobs.microbatches, no_sync=zero.no_sync,
                                      scale_loss=zero.scale)
@@ -157,7 +162,7 @@ class InhouseAdapter(Adapter):
         if dims.dp > 1 and onebit:
             notes["data_parallel"] = "none: the 1-bit optimizer all-reduces gradients (warm-up) or momentum (compressed)"
         elif dims.dp > 1:
-            kwargs = {}
+            kwargs = {"bucket_cap_bytes": int(value(settings, "ddp.bucket_cap_mb") * 2**20)}
             if knobs.allreduce != "backend":
                 validate_algorithm(knobs.allreduce)  # checked against the backend before it is timed
                 kwargs["all_reduce"] = ALGORITHMS[knobs.allreduce]

@@ -22,6 +22,7 @@ from torch import nn
 
 from bench.adapters.base import ALL_DEVICES, Adapter, Capabilities, TrainStep, runs_everywhere
 from bench.adapters.step import accumulating_step
+from bench.config.framework_config import describe, fsdp2_settings, settings_for, torch_ddp_settings, value
 from bench.config.knobs import Knobs
 from bench.workloads.train import Batch, optimizer_spec, torch_optimizer
 from impl.model import Decoder, lm_loss
@@ -107,6 +108,7 @@ class TorchAdapter(Adapter):
             from bench.adapters.torch.pipeline import build_pipeline
 
             _checkpoint_and_compile(model, knobs, notes)
+            notes["framework_config"] = describe(knobs, [])
             return build_pipeline(knobs, model, dims, device, notes)
         dp_mesh = None
         if dims.tp > 1:
@@ -142,11 +144,12 @@ class TorchAdapter(Adapter):
             # DDP's defaults (25 MB buckets) except broadcast_buffers: the model's
             # only buffers are the RoPE tables, identical on every rank, and
             # re-broadcasting them each forward would add traffic no user wants.
+            kwargs = ddp_kwargs(knobs)
             ddp = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+                model, device_ids=[device] if device.type == "cuda" else None, **kwargs
             )
             forward, no_sync = ddp, ddp.no_sync
-            notes["wrapper"] = "DistributedDataParallel(broadcast_buffers=False)"
+            notes["wrapper"] = f"DistributedDataParallel({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
         if optimizer is None and knobs.zero == 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -174,8 +177,16 @@ class TorchAdapter(Adapter):
             step = _autocast_step(forward, stepper or update, autocast, knobs.microbatches, no_sync)
         else:
             step = accumulating_step(forward, update, microbatches=knobs.microbatches, no_sync=no_sync)
+        notes["framework_config"] = describe(knobs, settings_for(knobs))
         return TrainStep(step, modules=[model], optimizers=[optimizer], notes=notes,
                          state=_zero1_state(model, optimizer) if knobs.zero == 1 else None)
+
+
+def ddp_kwargs(knobs: Knobs) -> dict[str, Any]:
+    """DDP's settings for this cell (its defaults except broadcast_buffers; see framework_config)."""
+    settings = torch_ddp_settings(knobs)
+    return {name.removeprefix("ddp."): value(settings, name)
+            for name in ("ddp.bucket_cap_mb", "ddp.broadcast_buffers", "ddp.gradient_as_bucket_view")}
 
 
 def _checkpoint_and_compile(model: Decoder, knobs: Knobs, notes: dict) -> None:
@@ -215,6 +226,13 @@ def _apply_fsdp2(model: Decoder, knobs: Knobs, dims: ParallelDims, device: torch
         fully_shard(block, **kwargs)
     fully_shard([model.norm, model.output], **kwargs)
     fully_shard(model, **kwargs)
+    if value(fsdp2_settings(knobs), "fsdp2.explicit_prefetch"):
+        # FSDP2's explicit prefetching (torchtitan's and the FSDP2 docs' example): each block's
+        # forward issues the next block's all-gather, each backward the previous block's.
+        blocks = list(model.layers)
+        for i, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[i + 1:i + 2])
+            block.set_modules_to_backward_prefetch(blocks[max(i - 1, 0):i])
     notes["wrapper"] = f"FSDP2 fully_shard(reshard_after_forward={knobs.zero == 3})"
     if knobs.zero == 2:
         notes["model_state_vs_theory"] = ("FSDP2 without reshard-after-forward communicates like ZeRO-2 but reshards "

@@ -18,25 +18,28 @@ from typing import Any
 
 from bench.analysis.compare import hodges_lehmann_ratio, launch_medians, ratio_ci
 from bench.analysis.report.labels import cell_label, config_key
+from bench.analysis.tuning import best_tuned
 
 REFERENCE_ADAPTER = "inhouse"
 
 
 def adapter_ratio_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Cells differ in framework_config too, so a `theory` cell is never divided by a `default`
+    # one; `tuned` cells are compared best candidate against best candidate.
     groups: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for r in records:
+    for r in best_tuned(records):
         if r["status"] == "ok" and r.get("metrics"):
-            groups[config_key(r["config"], ("adapter",))].setdefault(r["adapter"], r)
+            groups[config_key(r["config"], ("adapter", "tuning_candidate"))].setdefault(r["adapter"], r)
     rows = []
     for by_adapter in groups.values():
         if len(by_adapter) < 2:
             continue
         ref_name = REFERENCE_ADAPTER if REFERENCE_ADAPTER in by_adapter else min(by_adapter)
         ref = by_adapter[ref_name]
-        label = cell_label(ref["config"], drop=("adapter",))
+        label = cell_label(ref["config"], drop=("adapter", "framework_config", "tuning_candidate"))
         for name in sorted(by_adapter, key=lambda a: (a != ref_name, a)):
             rows.append(_row(label, name, ref_name, by_adapter[name]["metrics"], ref["metrics"])
-                        | _time_ci(by_adapter[name], ref))
+                        | _time_ci(by_adapter[name], ref) | _config(by_adapter[name]))
     return sorted(rows, key=lambda row: row["cell"])
 
 
@@ -56,6 +59,17 @@ def _row(label: str, adapter: str, reference: str, m: dict[str, Any], ref: dict[
         "comm_ratio": ratio("comm_bytes_per_step"),
         "loss_rel_diff": abs(loss - ref_loss) / abs(ref_loss) if loss is not None and ref_loss else None,
     }
+
+
+def _config(record: dict[str, Any]) -> dict[str, Any]:
+    """The configuration mode shown beside the ratio, and the settings that differ from the framework's defaults."""
+    fc = (record.get("notes") or {}).get("framework_config") or {}
+    mode = record["config"].get("framework_config", "default")
+    tuned = record.get("tuning_result")
+    if tuned:
+        mode += f" (candidate {tuned['candidate']}, best of {tuned['ok']})"
+    return {"framework_config": mode,
+            "non_default": [f"{s['setting']}={s['value']}" for s in fc.get("non_default", [])]}
 
 
 def _final_loss(metrics: dict[str, Any]) -> float | None:

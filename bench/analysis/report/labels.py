@@ -9,7 +9,8 @@ from bench.config.knobs import Knobs
 DEFAULTS = {name: field.default for name, field in Knobs.model_fields.items()}
 LABEL_KNOBS = ("strategy", "world_size", "cp", "tp", "tp_mode", "tp_depth", "pp", "virtual_stages", "pp_balance", "zero", "offload", "precision", "optimizer", "microbatches", "checkpointing",
                "checkpoint_every", "freeze_step",
-               "allreduce", "fusion", "attention", "sequence_parallel", "pp_schedule", "workload", "message_bytes", "fault")
+               "allreduce", "fusion", "attention", "sequence_parallel", "pp_schedule", "workload", "message_bytes", "fault",
+               "framework_config", "tuning_candidate")
 
 
 def cell_label(config: dict[str, Any], *, drop: tuple[str, ...] = (), always: tuple[str, ...] = ("world_size",)) -> str:
