@@ -9,7 +9,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from bench.analysis.compare import launch_medians
+from bench.analysis.compare import hodges_lehmann_ratio, launch_medians, ratio_ci
 from bench.analysis.report.labels import config_key
 
 
@@ -35,5 +35,19 @@ def best_tuned(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "candidate": best["config"]["tuning_candidate"], "ok": len(ok), "tried": len(candidates),
             "of": space.get("of"), "overrides": space.get("overrides"),
             "step_time_s_by_candidate": dict(sorted(times.items())),
+            "vs_default": _vs_default(best, ok),
         }})
     return out
+
+
+def _vs_default(best: dict[str, Any], ok: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best candidate's step time ÷ the default candidate's (candidate 0), with its CI.
+    Picking the fastest of k noisy candidates favours a lucky one: a CI that holds 1 means
+    the search found nothing better than the defaults."""
+    default = next((r for r in ok if r["config"]["tuning_candidate"] == 0), None)
+    if default is None or default is best:
+        return None
+    base, cand = launch_medians(default), launch_medians(best)
+    if len(base) < 2 or len(cand) < 2:
+        return {"ratio": hodges_lehmann_ratio(base, cand), "ci": None}
+    return {"ratio": hodges_lehmann_ratio(base, cand), "ci": list(ratio_ci(base, cand))}

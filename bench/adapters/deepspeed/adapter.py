@@ -173,6 +173,11 @@ def framework_settings(knobs: Knobs, psi: int, largest_param_numel: int) -> list
         settings.append(Setting("optimizer.params.torch_adam", True, False,
                                 "fusion: none asks for the unfused torch.optim.AdamW (DeepSpeed's default is "
                                 "FusedAdam, the cell's fusion: fused)"))
+    if knobs.pp > 1:
+        settings.append(Setting("pipeline.topology", "ProcessTopology(axes=['data', 'pipe'])",
+                                "PipeDataParallelTopology (axes pipe, data)",
+                                "the harness puts a replica's pipeline stages on neighbouring ranks; DeepSpeed's "
+                                "data-parallel groups must hold the ranks that get the same local batch"))
     if knobs.optimizer == "sgd":
         settings.append(Setting("zero_allow_untested_optimizer", True, False,
                                 "SGD is not a DeepSpeed optimizer type; the engine takes torch.optim.SGD only with it"))

@@ -67,7 +67,13 @@ def _config(record: dict[str, Any]) -> dict[str, Any]:
     mode = record["config"].get("framework_config", "default")
     tuned = record.get("tuning_result")
     if tuned:
-        mode += f" (candidate {tuned['candidate']}, best of {tuned['ok']})"
+        mode += f" (candidate {tuned['candidate']}, best of {tuned['ok']}"
+        gain = tuned.get("vs_default")
+        if gain and gain["ci"]:
+            low, high = gain["ci"]
+            mode += f"; ÷ default {gain['ratio']:.2f} [{low:.2f}, {high:.2f}]" + (
+                ", not better than default" if low <= 1.0 <= high else "")
+        mode += ")"
     return {"framework_config": mode,
             "non_default": [f"{s['setting']}={s['value']}" for s in fc.get("non_default", [])]}
 
