@@ -19,12 +19,16 @@ print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__versi
       f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, nccl available: {dist.is_nccl_available()}")
 PY
 
-# The GPU-only tests (deselected on CPU machines): flex_attention gradients on CUDA.
-"$BIN/python" -m pytest -m gpu -q -p no:cacheprovider || echo "GPU tests failed (exit $?)"
+# A failing step does not stop the later ones (the report and summary are still
+# wanted), but it is remembered, and the script exits non-zero at the end.
+failed=()
 
-timeout 480 "$BIN/bench" run "$SUITE" --results "$OUT" --no-progress || echo "bench run exited $? (records so far are kept)"
+# The GPU-only tests (deselected on CPU machines): flex_attention gradients on CUDA.
+"$BIN/python" -m pytest -m gpu -q -p no:cacheprovider || failed+=("pytest -m gpu (exit $?)")
+
+timeout 480 "$BIN/bench" run "$SUITE" --results "$OUT" --no-progress || failed+=("bench run (exit $?; records so far are kept)")
 name=$("$BIN/python" -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$SUITE")
-"$BIN/bench" report "$OUT/$name"
+"$BIN/bench" report "$OUT/$name" || failed+=("bench report (exit $?)")
 
 "$BIN/python" - "$OUT/$name" <<'PY'
 import sys
@@ -67,3 +71,9 @@ for r in ok:
               f"{twin['metrics']['step_time_median_s'] / r['metrics']['step_time_median_s']:.2f}, peak allocated "
               f"{(twin['metrics']['peak_mem_bytes'] or 0) / max(r['metrics']['peak_mem_bytes'] or 1, 1):.2f}")
 PY
+
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'GPU check FAILED: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
+echo "GPU check passed"

@@ -165,8 +165,10 @@ def test_nightly_workflow_shell_steps_are_valid_bash():
     import re
 
     steps = [s for s in _workflow()["jobs"]["gpu"]["steps"] if "run" in s]
-    assert len(steps) == 7
+    assert len(steps) == 8
     assert any("pytest -m calibration" in s["run"] for s in steps)  # the planner's measured validation
+    (fuzz,) = [s for s in steps if "test_fuzz" in s["run"]]  # the fuzz tests at the nightly budget
+    assert fuzz["env"]["TRAINBENCH_FUZZ"] == "nightly"
     for step in steps:
         script = re.sub(r"\$\{\{[^}]*\}\}", "x", step["run"])
         proc = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)

@@ -73,7 +73,8 @@ def test_full_disk_mid_run_keeps_whole_records_then_resumes(tmp_path):
 
 def test_enospc_partial_write_is_cut_off(tmp_path, monkeypatch):
     run = RunFile(tmp_path, "s", "r")
-    run.append({"cell_id": "a", "status": "ok"})
+    whole = {"suite": "s", "run_id": "r", "adapter": "inhouse", "config": {}}  # what a reader needs of a record
+    run.append({**whole, "cell_id": "a", "status": "ok"})
     before = run.path.read_bytes()
     real_write = os.write
     calls = []
@@ -86,13 +87,13 @@ def test_enospc_partial_write_is_cut_off(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "write", disk_fills)
     with pytest.raises(ResultsWriteError) as info:
-        run.append({"cell_id": "b", "status": "ok", "pad": "x" * 1000})
+        run.append({**whole, "cell_id": "b", "status": "ok", "pad": "x" * 1000})
     monkeypatch.undo()
     assert info.value.errno == errno.ENOSPC
     assert "No space left on device" in str(info.value) and str(run.path) in str(info.value)
     assert len(calls) == 2
     assert run.path.read_bytes() == before  # the torn half is gone
-    run.append({"cell_id": "c", "status": "ok"})
+    run.append({**whole, "cell_id": "c", "status": "ok"})
     assert [r["cell_id"] for r in run.records()] == ["a", "c"]
 
 

@@ -118,9 +118,10 @@ def test_legacy_ring_spelling_is_read_as_cp():
 
 
 def test_v1_ring_records_migrate_to_cp(tmp_path):
-    v1 = {"schema_version": 1, "cell_id": "x", "config": {"world_size": 2, "dp": 1, "tp": 2, "pp": 1,
+    common = {"suite": "old", "run_id": "r", "adapter": "inhouse", "status": "ok"}
+    v1 = {**common, "schema_version": 1, "cell_id": "x", "config": {"world_size": 2, "dp": 1, "tp": 2, "pp": 1,
                                                            "sequence_parallel": "ring"}}
-    other = {"schema_version": 1, "cell_id": "y", "config": {"world_size": 2, "dp": 1, "tp": 2, "pp": 1,
+    other = {**common, "schema_version": 1, "cell_id": "y", "config": {"world_size": 2, "dp": 1, "tp": 2, "pp": 1,
                                                               "sequence_parallel": "megatron"}}
     path = tmp_path / "old.jsonl"
     path.write_text(json.dumps(v1) + "\n" + json.dumps(other) + "\n")
@@ -139,13 +140,16 @@ def test_weights_replicated_and_activations_halved(recs):
 
 
 def test_bad_ring_knobs_name_the_field():
-    head = "name: bad\ndefaults: {model: tiny, world_size: 2, cp: 2, sequence_parallel: ring"
-    for extra, field in ((", seq_len: 33}", "seq_len = 33 is not divisible by cp = 2"),
-                         (", world_size: 1, cp: 1}", "needs cp >= 2"),
-                         (", tp_mode: 2d, world_size: 8, tp: 4}", "tp_mode must be '1d'"),
-                         (", sequence_parallel: megatron, tp: 2, world_size: 4}", "cp = 2 needs sequence_parallel = 'ring'")):
+    import yaml
+
+    head = {"model": "tiny", "world_size": 2, "cp": 2, "sequence_parallel": "ring"}
+    for extra, field in (({"seq_len": 33}, "seq_len = 33 is not divisible by cp = 2"),
+                         ({"world_size": 1, "cp": 1}, "needs cp >= 2"),
+                         ({"tp_mode": "2d", "world_size": 8, "tp": 4}, "tp_mode must be '1d'"),
+                         ({"sequence_parallel": "megatron", "tp": 2, "world_size": 4},
+                          "cp = 2 needs sequence_parallel = 'ring'")):
         with pytest.raises(SuiteError, match=re.escape(field)):
-            parse_suite(head + extra + "\n")
+            parse_suite(yaml.safe_dump({"name": "bad", "defaults": {**head, **extra}}))
 
 
 def test_shared_suite_ring_cells_run_inhouse_only():

@@ -13,8 +13,10 @@ import sys
 
 import pytest
 
+from impl.model import model_config
 from tests.conftest import ROOT, bench, records
 
+HEAD = model_config("tiny")
 SUITE = """
 name: launchers
 steps: 3
@@ -52,8 +54,17 @@ def test_same_cells_same_measurements(both):
         assert (a["timing"]["launcher"], b["timing"]["launcher"]) == ("warm", "torchrun")
         ma, mb = a["metrics"], b["metrics"]
         assert ma["losses"] == mb["losses"], (cell, ma["losses"], mb["losses"])  # bit for bit
-        for key in ("comm_bytes_per_step", "comm_bytes_per_step_by_rank", "model_state_bytes", "peak_mem_bytes"):
+        for key in ("comm_bytes_per_step", "comm_bytes_per_step_by_rank", "model_state_bytes"):
             assert ma[key] == mb[key], (cell, key, ma[key], mb[key])
+        # FSDP2 without reshard-after-forward (torch zero 2) sometimes frees the gathered norm + head
+        # unit before the peak and sometimes after, from launch to launch under either launcher
+        # (seen as 1.02× between two launches of one cell): its peak is one of two values that differ
+        # by exactly that unit's fp32 parameters. Every other cell's peak is equal.
+        unit = 4 * (HEAD.vocab_size * HEAD.dim + HEAD.dim)
+        two_values = a["config"]["adapter"] == "torch" and a["config"]["zero"] == 2
+        assert ma["peak_mem_bytes"] == mb["peak_mem_bytes"] or (
+            two_values and abs(ma["peak_mem_bytes"] - mb["peak_mem_bytes"]) == unit), (
+            cell, ma["peak_mem_bytes"], mb["peak_mem_bytes"])
         calls = {k: (v["calls"], v["bytes"]) for k, v in ma["comm"].items()}
         assert calls == {k: (v["calls"], v["bytes"]) for k, v in mb["comm"].items()}, cell
 

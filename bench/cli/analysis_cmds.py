@@ -24,7 +24,11 @@ def cmd_report(args) -> int:
         except ValueError as exc:
             err_console.print(f"error: {f}: {exc}; no report written", soft_wrap=True)
             return 2
-        out = write_report(f, Path(args.out))
+        try:
+            out = write_report(f, Path(args.out))
+        except ValueError as exc:  # no readable record
+            err_console.print(f"error: {exc}; no report written", soft_wrap=True)
+            return 2
         console.print(f"report: {out}", highlight=False)
     return 0
 
@@ -116,10 +120,10 @@ def _verdicts(findings, args, base: Path, cand: Path) -> int:
 
     text = markdown(findings)
     print(text)  # plain: a markdown table must not be re-wrapped
-    if args.md:
-        Path(args.md).write_text(text)
-    if args.html:
-        Path(args.html).write_text(html_page(findings, base, cand))
+    for path, content in ((args.md, lambda: text), (args.html, lambda: html_page(findings, base, cand))):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(content())
     return 1 if any(f.regressed for f in findings) else 0
 
 

@@ -109,8 +109,18 @@ def cmd_run(args) -> int:
                       f"CV {m['launch_cv']:.0%}{' UNSTABLE' if m['unstable'] else ''}")
         console.print(f"  {rec['status']:<11} {rec['cell_id']} {rec['adapter']:<10} {extra}", highlight=False)
 
+    from bench.run.stop import Stopped, guard
+
     try:
-        summary = runner.run(on_record=show)
+        with guard.installed():
+            summary = runner.run(on_record=show)
+    except Stopped as exc:
+        kept = len(runner.run_file.records()) if runner.run_file.path.exists() else 0
+        err_console.print(f"stopped by {exc}: no further launch; the running one was killed and not recorded\n"
+                          f"  the {kept} record(s) in {runner.run_file.path} are whole\n"
+                          f"  continue with: bench run {args.suite} --results {results_root} "
+                          f"--resume {runner.run_file.run_id}", soft_wrap=True)
+        return exc.exit_code
     except RunInUse as exc:
         err_console.print(f"error: {exc}", soft_wrap=True)
         return 2

@@ -114,6 +114,14 @@ class Knobs(BaseModel):
             return "none"
         return value
 
+    @field_validator("zero", mode="before")
+    @classmethod
+    def _zero_is_an_int(cls, value: Any) -> Any:
+        # Literal[0, 1, 2, 3] alone takes True as 1 and 2.0 as 2 (found by tests/test_fuzz_suites.py).
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"zero must be an integer stage 0-3, got {value!r}")
+        return value
+
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
@@ -143,7 +151,7 @@ class Knobs(BaseModel):
         if self.workload == "train" and self.batch_size % per_step:
             raise ValueError(
                 f"batch_size = {self.batch_size} is not divisible by dp*microbatches = {per_step} "
-                f"(dp={self.dp}, microbatches={self.microbatches})"
+                f"(dp={self.dp} of world_size={self.world_size}, microbatches={self.microbatches})"
             )
         if self.pp_schedule == "interleaved" and self.pp > 1 and self.virtual_stages < 2:
             if "virtual_stages" in self.model_fields_set:

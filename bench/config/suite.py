@@ -135,6 +135,17 @@ class _NoAliasLoader(yaml.SafeLoader):
             )
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 - PyYAML signature
+        """A key given twice is an error (PyYAML keeps the last one silently)."""
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (a key may appear once per mapping)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
 
 def load_suite(path: str | Path, *, max_cells: int = MAX_CELLS) -> tuple[Suite, list[Cell]]:
     """Read, validate and expand a suite file. Raises ``SuiteError`` listing every problem."""

@@ -83,6 +83,12 @@ class RunFile:
         return confined(self.root, check_suite_name(self.suite), f"{check_run_id(self.run_id)}.jsonl")
 
     def append(self, record: dict[str, Any]) -> None:
+        from bench.run.stop import guard
+
+        with guard.critical():  # a stop signal waits for the whole line
+            self._append(record)
+
+    def _append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(finite(record), allow_nan=False, default=_jsonable) + "\n").encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,19 +186,35 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of one JSONL file; torn or foreign lines are skipped with a warning."""
+def read_records(path: str | Path, skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Records of one JSONL file, each checked (``record_check``: the fields the analysis
+    reads, typed; non-finite floats as null) and migrated to the current schema. A torn
+    or foreign line, a record that fails the check or one of a newer schema is skipped
+    with a warning naming the line and the field, and appended to ``skipped``."""
+    from bench.run.record_check import normalised
+
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            why, rec = None, None
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
-                print(f"warning: {path}:{n}: skipping a torn or malformed line", file=sys.stderr)
+            except (json.JSONDecodeError, RecursionError):
+                why = "a torn or malformed line"
+            if why is None and (not isinstance(rec, dict) or "cell_id" not in rec):
+                why = "not a TrainBench record (no cell_id)"
+            if why is None and isinstance(rec.get("schema_version"), int) and rec["schema_version"] > SCHEMA_VERSION:
+                why = (f"schema_version {rec['schema_version']} is newer than this TrainBench's ({SCHEMA_VERSION}); "
+                       "upgrade TrainBench to read it")
+            if why is None:
+                rec, why = normalised(rec)
+            if why is not None:
+                print(f"warning: {path}:{n}: skipping the line: {why[:300]}", file=sys.stderr)
+                if skipped is not None:
+                    skipped.append(f"line {n}: {why[:300]}")
                 continue
-            if isinstance(rec, dict) and "cell_id" in rec:
-                yield migrate(rec)
+            yield migrate(rec)
 
 
 def migrate(record: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from bench.run.launchers.base import LaunchOutcome, Launcher
 from bench.run.launch_stats import merge_launches
 from bench.run.launchers.warm import WarmLocal
 from bench.run.schedule import interleaved
+from bench.run.stop import guard
 from bench.run.results import SCHEMA_VERSION, ResultsWriteError, RunFile, environment, new_run_id
 from bench.config.suite import Cell, Suite
 from bench.config.techniques import used_by
@@ -141,7 +142,8 @@ class Runner:
                                        timeout_s=self.suite.timeout_s, env=env)
         record = self._classify(cell, cell_dir, outcome)
         if record["status"] == "ok":
-            (cell_dir / LAUNCH_RECORD).write_text(json.dumps(record))
+            with guard.critical():  # a resume reads it: whole or absent
+                (cell_dir / LAUNCH_RECORD).write_text(json.dumps(record))
         return record
 
     def verdict(self, cell: Cell) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from bench.analysis.report.plots import (busbw_plot, loss_parity_plots, metric_p
                                 step_plot, launch_strip_plot)
 from bench.analysis.report.pipeline import BUBBLE_TOLERANCE, pipeline_bubble_rows
 from bench.analysis.report.scaling_fit import scaling_fit_plot, scaling_rows
+from bench.analysis.report.guard import Guard
 from bench.run.results import read_records
 
 THEORY_TOLERANCE = {"comm_bytes_per_step": 0.01, "model_state_total": 0.05}
@@ -179,40 +180,65 @@ def checkpointing_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_report(results_file: Path, out_root: Path) -> Path:
-    records = list(read_records(results_file))
+    skipped: list[str] = []
+    records = list(read_records(results_file, skipped))
     if not records:
-        raise ValueError(f"{results_file} holds no records")
+        raise ValueError(f"{results_file} holds no readable records ({len(skipped)} line(s) skipped)")
     suite, run_id = records[0]["suite"], records[0]["run_id"]
+    g = Guard(skipped)
+    columns = ["cell", "label", "status", "step_time_ms", "launches", "step_time_ci_ms", "launch_cv_pct", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
+               "comm_mib_per_step", "final_loss", "fixed_cost_s"]
+    records = g.usable("results table", lambda rs: frame(rs)[columns].to_dict("records"), records)
+    if not records:
+        raise ValueError(f"{results_file} holds no record the report can read ({len(skipped)} skipped)")
     df = frame(records)
+
+    def df_plot(what: str, metric: str, group: str):
+        try:
+            return metric_plot(df[(df.group == group) | (df.group == "baseline")], metric,
+                               f"{what}: {group} techniques beside the baseline cells")
+        except Exception as exc:  # noqa: BLE001 - named on the page, like a skipped record
+            skipped.append(f"plot {what} — {group}: not shown: {type(exc).__name__}: {exc}"[:300])
+            return None
+
+    single = lambda name, fn: [(name, g.section(name, fn, records))]  # noqa: E731
+    several = lambda name, fn: g.section(name, fn, records, empty=[])  # noqa: E731
     plots = [(title, img) for title, img in (
-        ("step time", step_plot(records)),
-        ("step time per launch (repeat > 1)", launch_strip_plot(records)),
-        *((f"{what} — {group}", metric_plot(df[(df.group == group) | (df.group == "baseline")], metric,
-                                             f"{what}: {group} techniques beside the baseline cells"))
+        *single("step time", step_plot),
+        *single("step time per launch (repeat > 1)", launch_strip_plot),
+        *((f"{what} — {group}", df_plot(what, metric, group))
           for what, metric in (("tokens/s", "tokens_per_s"), ("peak memory MiB", "peak_mem_mib"),
                                ("communication MiB/step", "comm_mib_per_step"), ("MFU %", "mfu_pct"))
           for group in sorted(set(df.group) - {"baseline"}) or ["baseline"]),
-        ("all-reduce busbw", busbw_plot(records)),
-        *loss_parity_plots(records),
-        *scaling_plots(records),
-        ("time and peak memory against seq_len (log-log, fitted exponent b)", scaling_fit_plot(records)),
-        *pipeline_timeline_plots(records),
-        ("step-time breakdown of the profiled step (forward / backward / optimizer / exposed comm / idle)",
-         breakdown_plot(records)),
+        *single("all-reduce busbw", busbw_plot),
+        *several("loss parity plots", loss_parity_plots),
+        *several("scaling plots", scaling_plots),
+        *single("time and peak memory against seq_len (log-log, fitted exponent b)", scaling_fit_plot),
+        *several("pipeline timelines", pipeline_timeline_plots),
+        *single("step-time breakdown of the profiled step (forward / backward / optimizer / exposed comm / idle)",
+                breakdown_plot),
     ) if img]
-    columns = ["cell", "label", "status", "step_time_ms", "launches", "step_time_ci_ms", "launch_cv_pct", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
-               "comm_mib_per_step", "final_loss", "fixed_cost_s"]
+    sections = {
+        "theory": g.section("measured ÷ theory", theory_rows, records, []),
+        "optimizer_state": g.section("optimizer state", optimizer_state_rows, records, []),
+        "checkpointing": g.section("checkpointing", checkpointing_rows, records, []),
+        "support": g.section("support matrix", support_matrix, records, {"adapters": [], "rows": []}),
+        "scaling": g.section("scaling", scaling_rows, records, []),
+        "planner": g.section("planner", planner_validation, records, None),
+        "adapter_ratios": g.section("same cell, different framework", adapter_ratio_rows, records, []),
+        "pipeline_bubble": g.section("pipeline bubble", pipeline_bubble_rows, records, []),
+        "explain_links": g.section("explain pages", lambda rs: explain_pages(rs, out_root / suite / run_id,
+                                                                               technique_group), records, []),
+    }
     html = _TEMPLATES.get_template("report.html.j2").render(
-        suite=suite, run_id=run_id, env=records[0]["env"], table=df[columns].to_dict("records"), columns=columns,
-        failures=[r for r in records if r["status"] != "ok"], theory=theory_rows(records), plots=plots,
-        optimizer_state=optimizer_state_rows(records), checkpointing=checkpointing_rows(records),
-        support=support_matrix(records), tolerances=THEORY_TOLERANCE, scaling=scaling_rows(records),
-        planner=planner_validation(records),
-        adapter_ratios=adapter_ratio_rows(records),
-        pipeline_bubble=pipeline_bubble_rows(records), bubble_tolerance=BUBBLE_TOLERANCE,
-        sources=sorted({(r["metrics"] or {}).get("peak_mem_source") for r in records if r.get("metrics")} - {None}),
-        peak_sources=sorted({(r["metrics"] or {}).get("peak_flops_source") for r in records if r.get("metrics")} - {None}),
-        explain_links=explain_pages(records, out_root / suite / run_id, technique_group),
+        suite=suite, run_id=run_id, env=records[0]["env"], skipped=skipped, table=df[columns].to_dict("records"),
+        columns=columns, failures=[r for r in records if r["status"] != "ok"], plots=plots,
+        tolerances=THEORY_TOLERANCE, bubble_tolerance=BUBBLE_TOLERANCE,
+        sources=sorted({str((r["metrics"] or {}).get("peak_mem_source")) for r in records if r.get("metrics")
+                        and (r["metrics"] or {}).get("peak_mem_source")}),
+        peak_sources=sorted({str((r["metrics"] or {}).get("peak_flops_source")) for r in records if r.get("metrics")
+                             and (r["metrics"] or {}).get("peak_flops_source")}),
+        **sections,
     )
     out_dir = out_root / suite / run_id
     out_dir.mkdir(parents=True, exist_ok=True)
