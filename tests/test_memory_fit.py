@@ -74,3 +74,12 @@ def test_prediction_is_model_state_plus_activations() -> None:
     assert fit_reason(k, available=None) is None
     assert fit_reason(k, available=pred.total_bytes) is None
     assert "predicted" in fit_reason(k, available=pred.total_bytes - 1)
+
+
+def test_the_logits_transient_is_a_named_term_of_the_prediction() -> None:
+    """fp32 logits of one micro-batch and their gradient, 2·b·s·V·4 bytes (V/tp vocab-parallel)."""
+    cfg = PRESETS["tiny"]
+    for kw, b, tp in (({}, 8, 1), ({"world_size": 4, "microbatches": 2}, 1, 1), ({"world_size": 2, "tp": 2}, 8, 2)):
+        pred = predict_device_bytes(Knobs(model="tiny", **kw))
+        assert pred.logits_bytes == 2 * b * 64 * cfg.vocab_size / tp * 4, kw
+        assert pred.total_bytes == pytest.approx(pred.state_bytes + pred.activation_bytes + pred.logits_bytes)

@@ -73,17 +73,27 @@ def test_losses_equal_the_dense_masked_model(recs, attention):
 
 def test_flops_count_only_computed_blocks(recs):
     cfg = model_config("tiny")
+    full = 12 * cfg.n_layers * cfg.dim * SEQ  # PaLM App. B's attention term at full S²
     dense = recs[("inhouse", "train", "dense")]["metrics"]
-    attn_dense = dense["flops_per_token"] - 6 * matmul_params(cfg)
-    assert attn_dense == 12 * cfg.n_layers * cfg.dim * SEQ
+    # Dense causal attention counts its lower-triangle blocks, as a sparse pattern counts its own (#23):
+    # nb(nb+1)/2 of nb² blocks at the cell's attention_block.
+    nb = SEQ // dense_block(recs)
+    assert dense["attention_density"] == nb * (nb + 1) / 2 / nb**2
+    assert dense["flops_per_token"] - 6 * matmul_params(cfg) == pytest.approx(full * dense["attention_density"])
+    assert "dense causal attention its lower-triangle blocks" in dense["attention_flops_counting"]
     for kind in ("sliding_window", "bigbird"):
         r = recs[("inhouse", "train", kind)]
         d = density(SparsePattern(kind=kind, block=BLOCK), SEQ)
         assert 0 < d < 1 and r["metrics"]["attention_density"] == d == r["notes"]["attention"]["density"]
-        assert r["metrics"]["flops_per_token"] - 6 * matmul_params(cfg) == pytest.approx(attn_dense * d, rel=1e-12)
+        assert d < dense["attention_density"]  # a causal pattern computes a subset of the causal blocks
+        assert r["metrics"]["flops_per_token"] - 6 * matmul_params(cfg) == pytest.approx(full * d, rel=1e-12)
         # MFU scales with FLOPs/token at equal throughput: sparse never claims dense FLOPs.
         m = r["metrics"]
         assert m["tflops_per_device"] * 1e12 == pytest.approx(m["flops_per_token"] * m["tokens_per_s"], rel=1e-9)
+
+
+def dense_block(recs) -> int:
+    return recs[("inhouse", "train", "dense")]["config"]["attention_block"]
 
 
 def test_attention_workload_times_one_core(recs):

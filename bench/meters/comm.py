@@ -12,8 +12,10 @@ all-gather, reduce-scatter, all-to-all (n−1)/n; broadcast, reduce, send 1;
 recv 0 (its bytes are the sender's; payload is still recorded). These are *logical* bytes: gloo runs reduce-scatter as a full
 all-reduce on the wire, which is not counted.
 
-While metering, each collective is waited for before returning, so
-``time_s`` is the collective's own completion time, un-overlapped (for
+While metering, each collective is waited for before returning — and on CUDA
+the device is synchronised before and after it, since NCCL's ``Work.wait()``
+does not block the host — so ``time_s`` is the collective's own completion
+time, un-overlapped (for
 send/recv it is only the time to post the operation: waiting there could
 deadlock a batched exchange). The harness therefore meters an untimed step,
 never the timed ones.
@@ -118,6 +120,11 @@ def _group_size(func, args) -> int:
     return dist.get_world_size()
 
 
+def _cuda_devices(args) -> set:
+    """The CUDA devices of a collective's tensors (empty on CPU/gloo)."""
+    return {t.device for t in tree_leaves(args) if isinstance(t, torch.Tensor) and t.is_cuda}
+
+
 def _wait(func, out) -> None:
     if func.namespace == "_c10d_functional":
         for t in tree_leaves(out):
@@ -147,12 +154,19 @@ class CommMeter(TorchDispatchMode):
         if rule is None:
             return func(*args, **kwargs)
         kind, where = rule
+        devices = _cuda_devices(args) if self.synchronous else set()
+        for d in devices:  # work queued before the collective is not its time
+            torch.cuda.synchronize(d)
         start = time.perf_counter()
         out = func(*args, **kwargs)
         if self.synchronous and kind not in ("send", "recv"):
             # Not p2p: a batched isend/irecv pair would deadlock if the send
             # were waited for before its partner recv is posted.
             _wait(func, out)
+            # On NCCL, Work.wait() only makes the current stream wait: the host
+            # returns at once. Synchronising the device makes time_s the completion.
+            for d in devices:
+                torch.cuda.synchronize(d)
         elapsed = time.perf_counter() - start
         payload = 0 if where is None else _tensor_bytes(out if where == "out" else args[where])
         n = _group_size(func, args)

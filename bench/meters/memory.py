@@ -18,8 +18,10 @@ table on every thread, so ``total_allocated`` counts those frees too.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -110,14 +112,48 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
-def cuda_peaks(device: torch.device) -> dict[str, int]:
-    stats = torch.cuda.memory_stats(device)
-    free, total = torch.cuda.mem_get_info(device)
-    return {
-        "peak_allocated_bytes": int(stats.get("allocated_bytes.all.peak", 0)),
-        "peak_reserved_bytes": int(stats.get("reserved_bytes.all.peak", 0)),
-        "device_total_bytes": int(total),
-    }
+class CudaPeakWindow:
+    """CUDA peaks over the same window as the CPU tracker's steady state: the
+    metered (last) warm-up step. ``steady()`` resets torch's peak counters at its
+    start and reads them at its end; the all-time peaks (build and first steps
+    included) are kept separately, as the max of the counters before the reset,
+    in the window and at the end of the run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.before: dict[str, int] = {}
+        self.window: dict[str, int] = {}
+
+    def __enter__(self) -> "CudaPeakWindow":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def _read(self) -> dict[str, int]:
+        torch.cuda.synchronize(self.device)
+        stats = torch.cuda.memory_stats(self.device)
+        return {"allocated": int(stats.get("allocated_bytes.all.peak", 0)),
+                "reserved": int(stats.get("reserved_bytes.all.peak", 0))}
+
+    @contextlib.contextmanager
+    def steady(self) -> Iterator[None]:
+        self.before = self._read()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        self.window = self._read()
+
+    def peaks(self) -> dict[str, int]:
+        end = self._read()
+        window = self.window or end
+        _, total = torch.cuda.mem_get_info(self.device)
+        return {
+            "peak_allocated_bytes": window["allocated"],
+            "peak_reserved_bytes": window["reserved"],
+            "peak_allocated_all_time_bytes": max(self.before.get("allocated", 0), window["allocated"], end["allocated"]),
+            "peak_reserved_all_time_bytes": max(self.before.get("reserved", 0), window["reserved"], end["reserved"]),
+            "device_total_bytes": int(total),
+        }
 
 
 def default_state_tensors(modules: list[Any], optimizers: list[Any]) -> dict[str, list[torch.Tensor]]:

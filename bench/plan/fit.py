@@ -8,16 +8,19 @@ ZeRO formula) less what offload keeps on the host, plus activations of one
 micro-batch over all L layers (Korthikanti et al. 2022, s·b·h·34 per layer in
 16-bit, ÷ t with sequence parallel; a 1F1B stage holds p micro-batches of L/p
 layers, the same total) without the 5·a·s/h attention-score term, which a
-flash/SDPA kernel never stores. Framework buffers, the logits and the
-allocator's fragmentation are not counted, so the figure is a lower bound: a
-cell over it cannot fit; a cell under it may still OOM.
+flash/SDPA kernel never stores; plus the loss's transient, the fp32 logits of
+one micro-batch and their gradient (2·b·s·V·4 bytes, V/tp with a vocab-parallel
+loss; ``theory.logits_transient_bytes``), a named term outside the per-layer
+count. Framework buffers and the allocator's fragmentation are not counted, so
+the figure is a lower bound: a cell over it cannot fit; a cell under it may still OOM.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.theory import PRECISION_BYTES, activation_bytes_per_layer, model_state_bytes, optimizer_state_bytes, predict
+from bench.theory import (PRECISION_BYTES, activation_bytes_per_layer, logits_transient_bytes, model_state_bytes,
+                          optimizer_state_bytes, predict)
 
 GIB = 2**30
 
@@ -27,12 +30,14 @@ class Prediction:
     state_bytes: float
     activation_bytes: float
     source: str
+    logits_bytes: float = 0.0
+    """The loss's transient: fp32 logits of one micro-batch and their gradient."""
     state_parts: dict[str, float] = field(default_factory=dict)
     """The model state on the device by kind: params, grads, optimizer (bytes)."""
 
     @property
     def total_bytes(self) -> float:
-        return self.state_bytes + self.activation_bytes
+        return self.state_bytes + self.activation_bytes + self.logits_bytes
 
 
 def predict_device_bytes(knobs: Any, theory: dict[str, Any] | None = None) -> Prediction | None:
@@ -66,7 +71,9 @@ def predict_device_bytes(knobs: Any, theory: dict[str, Any] | None = None) -> Pr
         sequence_parallel=knobs.sequence_parallel == "megatron",
         recompute="selective" if knobs.checkpointing == "none" else knobs.checkpointing,
         bytes_per_value=PRECISION_BYTES[knobs.precision])
-    return Prediction(sum(on_device.values()), act, source, on_device)
+    # The last pipeline stage computes the loss; tp shards the vocabulary (Megatron's vocab-parallel loss).
+    logits = logits_transient_bytes(b=micro_b, s=knobs.seq_len // knobs.cp, vocab=cfg.vocab_size, tp=knobs.tp)
+    return Prediction(sum(on_device.values()), act, source, logits_bytes=logits, state_parts=on_device)
 
 
 def available_bytes(run: Any, device: str) -> float | None:
@@ -91,7 +98,8 @@ def fit_reason(knobs: Any, available: float | None, theory: dict[str, Any] | Non
     if pred is None or pred.total_bytes <= available:
         return None
     return (f"predicted {pred.total_bytes / GIB:.2f} GiB > {available / GIB:.2f} GiB available per device "
-            f"(model state {pred.state_bytes / GIB:.2f} + activations {pred.activation_bytes / GIB:.2f} GiB; "
+            f"(model state {pred.state_bytes / GIB:.2f} + activations {pred.activation_bytes / GIB:.2f} + logits "
+            f"{pred.logits_bytes / GIB:.2f} GiB; "
             "lower bound, bench.plan.fit)")
 
 
@@ -103,7 +111,7 @@ def describe(knobs: Any, available: float | None) -> str:
     avail = f" of {_size(available)}" if available is not None else ""
     verdict = "" if available is None else (" — fits" if pred.total_bytes <= available else " — DOES NOT FIT")
     return (f"memory: predicted {_size(pred.total_bytes)}{avail} per device (state {_size(pred.state_bytes)}"
-            f" + activations {_size(pred.activation_bytes)}){verdict}")
+            f" + activations {_size(pred.activation_bytes)} + logits {_size(pred.logits_bytes)}){verdict}")
 
 
 def _size(n: float) -> str:

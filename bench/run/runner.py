@@ -242,8 +242,9 @@ class Runner:
             return self._record(cell, status="error", reason=errors[0]["reason"], timing=timing,
                                 stderr_tail=errors[0]["traceback"] or stderr)
         status = "oom" if _OOM.search(stderr) else "error"
-        return self._record(cell, status=status, reason=f"exit code {outcome.returncode} with no record",
-                            timing=timing, stderr_tail=stderr)
+        last = last_error_line(stderr)
+        return self._record(cell, status=status, reason=f"exit code {outcome.returncode} with no record"
+                            + (f": {last}" if last else ""), timing=timing, stderr_tail=stderr)
 
     def _record(self, cell: Cell, *, status: str, reason: str | None, result: dict[str, Any] | None = None,
                 timing: dict[str, Any] | None = None, stderr_tail: str | None = None) -> dict[str, Any]:
@@ -286,6 +287,20 @@ def _tail(path: Path, limit: int = 4000) -> str:
     except OSError:
         return ""
     return data.decode(errors="replace")
+
+
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b|error:|fatal:|RuntimeError)")
+_LAUNCHER_NOISE = ("ChildFailedError", "FAILED", "Traceback")
+
+
+def last_error_line(stderr: str) -> str | None:
+    """The last line of the ranks' stderr that states an error (``TypeError: …``,
+    ``error: …``), skipping the launcher's own failure summary; None if there is none."""
+    for line in reversed(stderr.splitlines()):
+        line = line.strip()
+        if _ERROR_LINE.match(line) and not any(noise in line for noise in _LAUNCHER_NOISE):
+            return line[:300]
+    return None
 
 
 def _signal_reason(stderr: str) -> str | None:

@@ -75,7 +75,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
 
     from bench.config.knobs import Knobs
     from bench.meters.comm import CommMeter
-    from bench.meters.memory import CpuPeakTracker, cuda_peaks, model_state_bytes, peak_rss_bytes
+    from bench.meters.memory import CpuPeakTracker, CudaPeakWindow, model_state_bytes, peak_rss_bytes
 
     phases["imported"] = time.time()
     knobs = Knobs.model_validate(payload["knobs"])
@@ -102,7 +102,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
-        tracker = CpuPeakTracker() if device.type == "cpu" else nullcontext()
+        tracker = CpuPeakTracker() if device.type == "cpu" else CudaPeakWindow(device)
         with tracker:
             if knobs.workload == "allreduce":
                 from bench.workloads.allreduce import build_allreduce_step
@@ -122,7 +122,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
                 # The last warm-up step is the communication-metered one and the
                 # CPU memory tracker's steady-state window.
                 last = s == warmup - 1
-                with meter if last else nullcontext(), tracker.steady() if last and device.type == "cpu" else nullcontext():
+                with meter if last else nullcontext(), tracker.steady() if last else nullcontext():
                     losses.append(step_fn(s))
             phases["built_and_warm"] = time.time()
         sync()
@@ -147,7 +147,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
 
         phases["timed_done"] = time.time()
         state = model_state_bytes(state_tensors())
-        mem = cuda_peaks(device) if device.type == "cuda" else {
+        mem = tracker.peaks() if device.type == "cuda" else {
             "peak_allocated_bytes": tracker.peak_bytes, "peak_first_steps_bytes": tracker.peak_first_steps_bytes,
         "every_thread": tracker.every_thread}
         mine = {
@@ -160,6 +160,13 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
             "model_state_bytes": state,
             "phases": phases,
         }
+        if device.type == "cuda":
+            from bench.meters.throughput import cuda_gemm_flops, math_mode, tf32_settings
+
+            mine["tf32"] = tf32_settings()
+            if rank == 0:  # after the timed steps: the device's own GEMM ceiling in the cell's math mode
+                mine["gemm_flops"] = cuda_gemm_flops(device, math_mode(knobs.precision,
+                                                                       bool(mine["tf32"]["matmul_allow_tf32"])))
         if payload.get("profile_dir"):  # one extra step, after the timed ones, under torch.profiler
             from bench.meters.profile import profile_step
 
@@ -228,7 +235,7 @@ def _inject_early_fault(fault: str, rank: int, world: int, device) -> None:
 def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict[str, Any]:
     """Per-rank figures to one record's metrics: step time is the slowest
     rank's; memory is the max over ranks; losses average the ranks that hold one."""
-    from bench.meters.throughput import FLOPS_FORMULA_VERSION, flops_per_token, gpu_peak_flops, step_stats
+    from bench.meters.throughput import FLOPS_FORMULA_VERSION, flops_per_token, gpu_peak_flops, math_mode, step_stats
     from impl.model import model_config
 
     n_steps = len(ranks[0]["samples"])
@@ -255,14 +262,18 @@ def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict
     tokens_per_s = knobs.batch_size * knobs.seq_len / stats["median_s"]
     cfg = model_config(knobs.model)
     # Sparse attention: only computed blocks count (attention density), so MFU is never overstated.
-    from bench.workloads.attention import attention_density
+    from bench.workloads.attention import ATTENTION_FLOPS_COUNTING, attention_density
 
     fpt = flops_per_token(cfg, knobs.seq_len, attention_density=attention_density(knobs),
                           attention_only=knobs.workload == "attention")
     flops_per_device = fpt * tokens_per_s / knobs.world_size
     device_name = _device_name(device)
+    gemm = ranks[0].get("gemm_flops")
     if device.type == "cuda":
-        peak, peak_source = gpu_peak_flops(device_name), "table"
+        tf32 = ranks[0].get("tf32") or {}
+        mode = math_mode(knobs.precision, bool(tf32.get("matmul_allow_tf32")))
+        peak = gpu_peak_flops(device_name, mode)
+        peak_source = f"data sheet: {device_name}, dense {mode}"
     else:
         peak, peak_source = payload.get("cpu_peak_flops"), payload.get("cpu_peak_source")
     bus = [r["comm_bus_bytes"] for r in ranks]
@@ -279,15 +290,22 @@ def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict
             "flops_per_token": fpt,
             "flops_formula": FLOPS_FORMULA_VERSION,
             "attention_density": attention_density(knobs),
+            "attention_flops_counting": ATTENTION_FLOPS_COUNTING,
             "tflops_per_device": flops_per_device / 1e12,
             "peak_flops_per_device": peak,
             "peak_flops_source": peak_source if peak else None,
             "mfu": flops_per_device / peak if peak else None,
+            "tf32": ranks[0].get("tf32"),
+            "gemm_flops_measured": gemm,
+            "mfu_vs_measured_gemm": flops_per_device / gemm if gemm else None,
             "peak_mem_bytes": _max(r["memory"].get("peak_allocated_bytes") for r in ranks),
             "peak_mem_first_steps_bytes": _max(r["memory"].get("peak_first_steps_bytes") for r in ranks),
             "peak_reserved_bytes": _max(r["memory"].get("peak_reserved_bytes") for r in ranks),
+            "peak_mem_all_time_bytes": _max(r["memory"].get("peak_allocated_all_time_bytes") for r in ranks),
+            "peak_reserved_all_time_bytes": _max(r["memory"].get("peak_reserved_all_time_bytes") for r in ranks),
             "device_total_bytes": ranks[0]["memory"].get("device_total_bytes"),
-            "peak_mem_source": "cuda memory_stats allocated (max over ranks)"
+            "peak_mem_source": "cuda memory_stats allocated, peak in the last warm-up step (counters reset at its "
+                               "start; all-time peak in peak_mem_all_time_bytes; max over ranks)"
             if device.type == "cuda"
             else "cpu: profiler live-tensor bytes (counted from before the build), peak in the last warm-up step (max over ranks)"
             + ("" if all(r["memory"].get("every_thread") for r in ranks) else "; frees on gloo threads missed (reads high)"),

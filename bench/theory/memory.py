@@ -147,3 +147,12 @@ def activation_values_per_layer(cfg: Any, s: int, b: int, recompute: str = "none
     if recompute == "selective":
         core_internal = 0
     return int(outside_core + core_inputs + core_internal)
+
+
+def logits_transient_bytes(*, b: int, s: int, vocab: int, tp: int = 1) -> float:
+    """The loss's transient beside the activations: ``impl.model.lm_loss`` casts the
+    (b, s, V) logits to fp32 for the cross-entropy, and backward makes their fp32
+    gradient of the same shape; 2·b·s·V·4 bytes while both live (a vocab-parallel
+    loss holds V/tp per rank). Not in Korthikanti et al.'s per-layer count, which
+    covers the transformer layers only: a named extra term."""
+    return 2 * b * s * (vocab / tp) * 4

@@ -29,10 +29,21 @@ def pattern_for(knobs: Any) -> SparsePattern | None:
                          causal=True)
 
 
+ATTENTION_FLOPS_COUNTING = (
+    "attention FLOPs = 12·H·d_head·S per layer and token × computed blocks ÷ all (S/block)² blocks, for every cell "
+    "alike: a sparse pattern counts its blocks, dense causal attention its lower-triangle blocks nb(nb+1)/2 "
+    "(the causal half, diagonal blocks whole), so dense and sparse MFU are like for like")
+
+
 def attention_density(knobs: Any) -> float:
-    """Computed blocks ÷ all blocks (1 for dense): scales the attention FLOPs."""
+    """Computed blocks ÷ all blocks at ``attention_block`` granularity: a sparse
+    pattern's layout, or for dense causal attention the lower triangle (diagonal
+    blocks included), nb(nb+1)/2 of nb² — the same counting for both."""
     pattern = pattern_for(knobs)
-    return 1.0 if pattern is None else density(pattern, knobs.seq_len)
+    if pattern is None:
+        nb = -(-knobs.seq_len // knobs.attention_block)
+        return nb * (nb + 1) / 2 / nb**2
+    return density(pattern, knobs.seq_len)
 
 
 def sparse_notes(knobs: Any, model: Any) -> dict[str, Any]:

@@ -9,8 +9,9 @@
   its 1F1B pipeline over ``microbatches``. Shardformer shards transformers
   models only, so these cells train ``LlamaForCausalLM`` built from the same
   config with the same weights (``colossalai_hf``; notes.model_type says so).
-* LowLevelZero (zero 1/2), Gemini (zero 3), ZeRO inside HybridParallel and
-  mixed precision assert a CUDA device: unsupported on CPU, the assertion quoted.
+* LowLevelZero (zero 1/2) and Gemini (zero 3, fp16/bf16, HybridAdam) on CUDA
+  (``colossalai_zero``); they assert a CUDA device, so on CPU those cells are
+  unsupported with the assertion quoted, as is ZeRO inside HybridParallel.
 
 On CPU, TorchFSDP and HybridParallel run only after small patches of CUDA-only
 calls, all in ``colossalai_cpu_patches`` and applied only there; such records
@@ -64,6 +65,7 @@ class ColossalAIAdapter(Adapter):
             "zero2": CUDA_ONLY,
             "zero3": CUDA_ONLY,
             "offload_optimizer": CUDA_ONLY,
+            "offload_params": CUDA_ONLY,
             "precision_bf16": CUDA_ONLY,
             "precision_fp16": CUDA_ONLY,
         },
@@ -72,7 +74,7 @@ class ColossalAIAdapter(Adapter):
             "zero2": _LOW_LEVEL_ZERO,
             "zero3": _GEMINI,
             "offload_optimizer": _LOW_LEVEL_ZERO,
-            "offload_params": "Gemini places parameters itself (placement_policy); not mapped",
+            "offload_params": _GEMINI,
             "precision_bf16": "Booster mixed precision goes through LowLevelZero/Gemini or torch.cuda.amp",
             "precision_fp16": "Booster mixed precision goes through LowLevelZero/Gemini or torch.cuda.amp",
             "tensor_parallel_2d": "Colossal-AI 0.5.0 removed the legacy 2D/2.5D/3D tensor-parallel layers",
@@ -108,6 +110,12 @@ class ColossalAIAdapter(Adapter):
             why = _why_not_hybrid(knobs)
             if why:
                 return why
+        elif knobs.device == "cuda":
+            from bench.adapters.colossalai.zero import why_not_zero
+
+            why = why_not_zero(knobs)
+            if why:
+                return why
         return super().why_not(knobs)
 
     def build(self, knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.device) -> TrainStep:
@@ -120,6 +128,11 @@ class ColossalAIAdapter(Adapter):
         if dims.tp > 1 or dims.pp > 1:
             return _build_hybrid(knobs, model, dims, device, notes)
         optimizer = _optimizer(knobs, model)
+        if knobs.zero:  # CUDA only (why_not refuses it elsewhere): LowLevelZero or Gemini
+            from bench.adapters.colossalai.zero import build_zero
+
+            notes["framework_config"] = describe(knobs, [])
+            return build_zero(knobs, model, device, optimizer, notes)
         if dims.dp > 1:
             # Same DDP settings as the torch adapter (the RoPE buffers are identical on every rank).
             kwargs = ddp_kwargs(knobs)
