@@ -59,9 +59,11 @@ def test_breakdown_agrees_with_the_harness_meters(run):
     _, ddp, z3, _ = run
     for r in (ddp, z3):
         c = r["metrics"]["profile"]["check"]
-        assert abs(c["step_ratio"] - 1) <= 0.10, c
+        # The split cannot be checked against the clock around the same step (it adds up to it by
+        # construction), so the record claims no such check; the collectives are checked, independently.
+        assert c["breakdown_checked"] is False and "step_ratio" not in c
         assert abs(c["comm_bus_bytes_ratio"] - 1) <= 0.10 and c["comm_calls_equal"], c
-        assert c["within_10pct"]
+        assert c["comm_within_10pct"]
 
 
 def test_zero3_extra_all_gathers_match_the_comm_meter(run):

@@ -125,7 +125,6 @@ def combine(ranks: list[dict[str, Any]], metrics: dict[str, Any], *, step_index:
     meter_bus = sum(v["meter_bus_bytes"] for v in comm_check.values())
     bus_ratio = prof_bus / meter_bus if meter_bus else (1.0 if not prof_bus else None)
     calls_ok = all(v["profile_calls"] == v["meter_calls"] for v in comm_check.values())
-    step_ratio = sum(breakdown.values()) / harness if harness else None
     peak_rank = max(range(n), key=lambda i: ranks[i]["memory"]["peak_bytes"])
     return {
         "formula": PROFILE_FORMULA_VERSION,
@@ -145,17 +144,20 @@ def combine(ranks: list[dict[str, Any]], metrics: dict[str, Any], *, step_index:
         "by_rank": [{"wall_s": r["wall_s"], "breakdown_s": r["breakdown_s"], "peak_bytes": r["memory"]["peak_bytes"]}
                     for r in ranks],
         "check": {
-            "breakdown_sum_s": sum(breakdown.values()),
+            # The five parts partition the profiled step's wall time (every instant goes to one part), so their sum
+            # equals that time by construction: no check of the split is claimed. What is checked is independent:
+            # the trace's collectives against the comm meter's (two instruments, two different steps).
+            "breakdown_checked": False,
+            "breakdown_note": "forward/backward/optimizer/exposed comm/idle partition the profiled step's wall time "
+                              "by construction; their split is not checked against an independent instrument",
             "harness_profiled_step_s": harness,
-            "step_ratio": step_ratio,
             "timed_median_s": timed,
             "profiler_overhead_ratio": harness / timed if timed else None,
             "comm": comm_check,
             "comm_bus_bytes_ratio": bus_ratio,
             "comm_calls_equal": calls_ok,
-            "within_10pct": bool(step_ratio is not None and abs(step_ratio - 1) <= 0.10 and bus_ratio is not None
-                                 and abs(bus_ratio - 1) <= 0.10 and calls_ok),
-            "definition": "breakdown (forward+backward+optimizer+exposed comm+idle) vs the harness clock around the "
-                          "profiled step; collectives from the trace vs the comm meter's metered warm-up step",
+            "comm_within_10pct": bool(bus_ratio is not None and abs(bus_ratio - 1) <= 0.10 and calls_ok),
+            "definition": "collectives from the profiled step's trace vs the comm meter's metered warm-up step "
+                          "(calls equal, bus bytes within 10 %)",
         },
     }
