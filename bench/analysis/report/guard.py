@@ -18,14 +18,7 @@ class Guard:
         try:
             return fn(records)
         except Exception:  # noqa: BLE001 - any failure of one section is reported, not raised
-            pass
-        keep = []
-        for r in records:
-            try:
-                fn([r])
-                keep.append(r)
-            except Exception as exc:  # noqa: BLE001
-                self.skipped.append(f"cell {r.get('cell_id')}: left out of {name}: {type(exc).__name__}: {exc}"[:300])
+            keep = self._probe(f"left out of {name}", fn, records)
         try:
             return fn(keep)
         except Exception as exc:  # noqa: BLE001 - a failure that needs several records together
@@ -39,12 +32,16 @@ class Guard:
             fn(records)
             return records
         except Exception:  # noqa: BLE001
-            pass
+            return self._probe(f"skipped ({name})", fn, records)
+
+    def _probe(self, what: str, fn: Callable[[list[dict[str, Any]]], Any],
+               records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The records ``fn`` takes alone; each one it cannot is named in ``skipped``."""
         keep = []
         for r in records:
             try:
                 fn([r])
                 keep.append(r)
             except Exception as exc:  # noqa: BLE001
-                self.skipped.append(f"cell {r.get('cell_id')}: skipped ({name}): {type(exc).__name__}: {exc}"[:300])
+                self.skipped.append(f"cell {r.get('cell_id')}: {what}: {type(exc).__name__}: {exc}"[:300])
         return keep
