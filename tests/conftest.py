@@ -46,7 +46,7 @@ def write_suite(tmp_path):
     return write
 
 
-def sigkill_runner_when(suite: Path, results: Path, run_id: str, ready, timeout_s: float = 120) -> list:
+def sigkill_runner_when(suite: Path, results: Path, run_id: str, ready, timeout_s: float = 300) -> list:
     """Start `bench run` as a user would, wait until ``ready()`` (or the timeout),
     SIGKILL the runner alone, and wait for its family; returns the family (the
     processes the runner had started), so a test can check none outlived it."""
@@ -58,9 +58,13 @@ def sigkill_runner_when(suite: Path, results: Path, run_id: str, ready, timeout_
 
     cmd = [sys.executable, "-m", "bench.cli", "run", str(suite), "--results", str(results), "--run-id", run_id,
            "--no-progress"]
-    runner = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = results.parent / f"runner-{run_id}.log"  # what the runner said, for a test that finds too little done
+    with open(log, "wb") as out:
+        runner = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + timeout_s
     while time.time() < deadline and not ready():
+        if runner.poll() is not None:
+            raise AssertionError(f"bench run exited {runner.returncode} before the kill:\n{log.read_text()[-3000:]}")
         time.sleep(0.1)
     family = psutil.Process(runner.pid).children(recursive=True)
     os.kill(runner.pid, signal.SIGKILL)

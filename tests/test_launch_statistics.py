@@ -103,7 +103,7 @@ def test_killed_run_resumes_the_missing_launches(tmp_path):
                                  lambda: len(list(scratch.glob("*/launch_record.json"))) >= 4)
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "orphans after SIGKILL"
     finished = {p.parent.name for p in scratch.glob("*/launch_record.json")}
-    assert 4 <= len(finished) < 9, finished
+    assert 4 <= len(finished) < 9, (finished, (tmp_path / "runner-killed.log").read_text()[-3000:])
     out = bench("run", str(tmp_path / "suite.yaml"), "--results", str(results), "--resume", "killed", "--no-progress")
     recs = records(results, "repeats")
     assert len(recs) == 3 and len({r["cell_id"] for r in recs}) == 3
