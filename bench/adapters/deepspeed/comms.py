@@ -241,7 +241,7 @@ def _zero3_defaults(persistent: float) -> dict[str, Any]:
             f"({persistent:.0%} of Ψ here) stay whole on every rank: never gathered for forward or backward, only "
             f"once per step after the update (stage3 _post_step); the other {g:.0%} are gathered before forward and, "
             "unless the 5e7-element prefetch or the 1e9 reuse distance keeps them, again before backward; gradients "
-            "are reduce-scattered (Ψ). Gathered: Ψ (each parameter once) to (1 + {g:.3f})Ψ, where theory (ZeRO §7.2.2) "
+            f"are reduce-scattered (Ψ). Gathered: Ψ (each parameter once) to (1 + {g:.3f})Ψ, where theory (ZeRO §7.2.2) "
             f"gathers 2Ψ: 3Ψ(N−1)/N in all. Expected: 2/3 to (2 + {g:.3f})/3 of theory, plus a scalar all-reduce and "
             "~2 KB of trace-check broadcasts.")
     out: dict[str, Any] = {"comm_vs_theory": text, "comm_expected_ratio_range": [2 / 3, (2 + g) / 3]}
