@@ -33,7 +33,9 @@ def _zero_config(knobs: Knobs):
 
 
 def test_default_zero3_resolves_to_deepspeeds_own_defaults_and_theory_to_the_paper_settings():
-    stock = DeepSpeedZeroConfig_default()
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    stock = DeepSpeedZeroConfig(stage=3)  # DeepSpeed's own defaults
     default = _zero_config(Knobs(adapter="deepspeed", world_size=2, zero=3))
     for field in ("prefetch_bucket_size", "param_persistence_threshold", "max_reuse_distance", "overlap_comm",
                   "max_live_parameters", "contiguous_gradients"):
@@ -42,12 +44,6 @@ def test_default_zero3_resolves_to_deepspeeds_own_defaults_and_theory_to_the_pap
     assert default.reduce_bucket_size == PSI < stock.reduce_bucket_size
     theory = _zero_config(Knobs(adapter="deepspeed", world_size=2, zero=3, framework_config="theory"))
     assert (theory.prefetch_bucket_size, theory.param_persistence_threshold, theory.max_reuse_distance) == (0, 0, 0)
-
-
-def DeepSpeedZeroConfig_default():  # noqa: N802 - DeepSpeed's class with no arguments
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    return DeepSpeedZeroConfig(stage=3)
 
 
 def test_cell_ids_unchanged_by_the_new_knobs():

@@ -4,7 +4,7 @@ Result files arrive truncated by a full disk, merged by hand, written by an
 older TrainBench or edited on another machine. ``check_record`` validates the
 fields the analysis commands (report, compare, history, explain, export) read,
 with their types; a record that fails is skipped and counted by the reader
-(``bench.run.results.load_records``), with the field that failed, so one bad
+(``bench.run.results.read_records``), with the field that failed, so one bad
 line never stops a report. Non-finite floats become null, as the writer
 stores them (``results.finite``). Fields the schema does not name pass through
 as they are (``extra='allow'``): notes and theory are free-form.
@@ -103,12 +103,13 @@ def normalised(record: Any) -> tuple[dict[str, Any] | None, str | None]:
     if not isinstance(record, dict):
         return None, f"a record is a JSON object, got {type(record).__name__}"
     try:
-        checked = Record.model_validate(_nonfinite_as_null(record)).model_dump(exclude_unset=True)
+        model = Record.model_validate(_nonfinite_as_null(record))
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in err["loc"]) or "record"
         return None, f"{where}: {err['msg']}"
-    checked["env"] = Env.model_validate(checked.get("env", {})).model_dump()  # read field by field by the report
+    checked = model.model_dump(exclude_unset=True)
+    checked["env"] = model.env.model_dump()  # every field: the report reads them one by one
     # Every top-level field present (absent ones at their default); nested ones as written.
     for name, field in Record.model_fields.items():
         if name not in checked:

@@ -127,12 +127,12 @@ class ColossalAIAdapter(Adapter):
             return _build_fsdp1(knobs, model, device, notes)
         if dims.tp > 1 or dims.pp > 1:
             return _build_hybrid(knobs, model, dims, device, notes)
-        optimizer = _optimizer(knobs, model)
         if knobs.zero:  # CUDA only (why_not refuses it elsewhere): LowLevelZero or Gemini
             from bench.adapters.colossalai.zero import build_zero
 
             notes["framework_config"] = describe(knobs, [])
-            return build_zero(knobs, model, device, optimizer, notes)
+            return build_zero(knobs, model, device, lambda: _optimizer(knobs, model), notes)
+        optimizer = _optimizer(knobs, model)
         if dims.dp > 1:
             # Same DDP settings as the torch adapter (the RoPE buffers are identical on every rank).
             kwargs = ddp_kwargs(knobs)

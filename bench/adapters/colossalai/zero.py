@@ -8,6 +8,7 @@ Unverified on a GPU in this repository's CI (no GPU there); tests/test_colossala
 checks, on CUDA, that the built booster holds the plugin the cell names."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,7 +48,9 @@ def plugin_for(knobs: Knobs):
                         offload_param_frac=1.0 if knobs.offload == "optimizer+params" else 0.0)
 
 
-def build_zero(knobs: Knobs, model: Decoder, device: torch.device, optimizer: Any, notes: dict[str, Any]) -> TrainStep:
+def build_zero(knobs: Knobs, model: Decoder, device: torch.device, make_optimizer: Callable[[], Any],
+               notes: dict[str, Any]) -> TrainStep:
+    """``make_optimizer``: the adapter's optimizer for LowLevelZero; Gemini steps with HybridAdam."""
     from colossalai.booster import Booster
 
     plugin = plugin_for(knobs)
@@ -56,6 +59,8 @@ def build_zero(knobs: Knobs, model: Decoder, device: torch.device, optimizer: An
 
         optimizer = HybridAdam(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                                adamw_mode=True)
+    else:
+        optimizer = make_optimizer()
     booster = Booster(plugin=plugin)
     model_w, optimizer_w, *_ = booster.boost(model, optimizer)
     notes.update(plugin=f"{type(plugin).__name__}(" + (

@@ -21,7 +21,7 @@ import torch
 from bench.adapters.base import ALL_DEVICES, Adapter, Capabilities, TrainStep, Unsupported
 from bench.adapters.deepspeed.comms import CONFIG as COMMS_LOGGER
 from bench.adapters.deepspeed.pipeline import UNSUPPORTED_SCHEDULES, why_not_pipeline
-from bench.config.framework_config import DEEPSPEED_DEFAULTS, Setting, deepspeed_settings, describe, value
+from bench.config.framework_config import Setting, deepspeed_settings, describe, value
 from bench.config.knobs import Knobs
 from bench.workloads.train import BETAS, EPS, LR, SGD_MOMENTUM, WEIGHT_DECAY, Batch
 from impl.model import Decoder, lm_loss, total_params
@@ -91,13 +91,14 @@ class DeepSpeedAdapter(Adapter):
         from bench.adapters.deepspeed import comms as deepspeed_comms, pipeline as deepspeed_pipeline
 
         psi, largest = total_params(model.cfg), max(p.numel() for p in model.parameters())
-        config = deepspeed_config(knobs, psi, largest)
+        settings = framework_settings(knobs, psi, largest)
+        config = deepspeed_config(knobs, psi, largest, settings)
         # Measured before ZeRO-3 partitions the parameters (numel() is 0 after).
         recomputed = _layer_fraction(model) if knobs.checkpointing == "full" else 0.0
-        persistent = _persistent_fraction(model, config["zero_optimization"]) if knobs.zero == 3 else 0.0
+        persistent = (_persistent_fraction(model, value(settings, "zero_optimization.stage3_param_persistence_threshold"))
+                      if knobs.zero == 3 else 0.0)
         if knobs.checkpointing == "full":
             _checkpoint_layers(model)
-        settings = framework_settings(knobs, psi, largest)
         partition = value(settings, "pipeline.partition_method") if dims.pp > 1 else None
         module = deepspeed_pipeline.pipeline_module(model, dims, device, partition) if dims.pp > 1 else model
         engine, _, _, _ = deepspeed.initialize(
@@ -134,12 +135,14 @@ class DeepSpeedAdapter(Adapter):
                          state=state.tensors)
 
 
-def deepspeed_config(knobs: Knobs, psi: int, largest_param_numel: int = 0) -> dict[str, Any]:
+def deepspeed_config(knobs: Knobs, psi: int, largest_param_numel: int = 0,
+                     settings: list[Setting] | None = None) -> dict[str, Any]:
     """The knobs as a DeepSpeed config dict (https://www.deepspeed.ai/docs/config-json/); the
-    ZeRO settings per `framework_config` (``bench.config.framework_config.deepspeed_settings``)."""
+    ZeRO settings per `framework_config` (``bench.config.framework_config.deepspeed_settings``,
+    or the cell's ``settings`` when the caller already has them)."""
     micro = knobs.batch_size // (knobs.dp * knobs.microbatches)
     zero: dict[str, Any] = {"stage": knobs.zero}
-    for s in deepspeed_settings(knobs, psi, largest_param_numel):
+    for s in settings if settings is not None else deepspeed_settings(knobs, psi, largest_param_numel):
         if s.name.startswith("zero_optimization.") and s.value is not None:
             zero[s.name.removeprefix("zero_optimization.")] = s.value
     if knobs.offload != "none":
@@ -300,10 +303,8 @@ def _step_fn(engine, microbatches: int, state: _ModelState, window):
     return step
 
 
-def _persistent_fraction(model: Decoder, zero: dict[str, Any]) -> float:
+def _persistent_fraction(model: Decoder, threshold: int) -> float:
     """Share of Ψ that ZeRO-3 keeps whole on every rank (parameters at or under the persistence threshold)."""
-    threshold = zero.get("stage3_param_persistence_threshold", DEEPSPEED_DEFAULTS[
-        "zero_optimization.stage3_param_persistence_threshold"])
     sizes = [p.numel() for p in model.parameters()]
     return sum(n for n in sizes if n <= threshold) / sum(sizes)
 

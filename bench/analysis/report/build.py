@@ -179,6 +179,11 @@ def checkpointing_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _table(df: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """The records' frame and the results table's rows (built once; a record that breaks either is skipped)."""
+    return df, df[columns].to_dict("records")
+
+
 def write_report(results_file: Path, out_root: Path) -> Path:
     skipped: list[str] = []
     records = list(read_records(results_file, skipped))
@@ -188,10 +193,10 @@ def write_report(results_file: Path, out_root: Path) -> Path:
     g = Guard(skipped)
     columns = ["cell", "label", "status", "step_time_ms", "launches", "step_time_ci_ms", "launch_cv_pct", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
                "comm_mib_per_step", "final_loss", "fixed_cost_s"]
-    records = g.usable("results table", lambda rs: frame(rs)[columns].to_dict("records"), records)
+    records, built = g.usable("results table", lambda rs: _table(frame(rs), columns), records)
     if not records:
         raise ValueError(f"{results_file} holds no record the report can read ({len(skipped)} skipped)")
-    df = frame(records)
+    df, table = built
 
     def df_plot(what: str, metric: str, group: str):
         try:
@@ -231,7 +236,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
                                                                                technique_group), records, []),
     }
     html = _TEMPLATES.get_template("report.html.j2").render(
-        suite=suite, run_id=run_id, env=records[0]["env"], skipped=skipped, table=df[columns].to_dict("records"),
+        suite=suite, run_id=run_id, env=records[0]["env"], skipped=skipped, table=table,
         columns=columns, failures=[r for r in records if r["status"] != "ok"], plots=plots,
         tolerances=THEORY_TOLERANCE, bubble_tolerance=BUBBLE_TOLERANCE,
         sources=sorted({str((r["metrics"] or {}).get("peak_mem_source")) for r in records if r.get("metrics")

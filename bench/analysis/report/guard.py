@@ -26,13 +26,14 @@ class Guard:
             return empty
 
     def usable(self, name: str, fn: Callable[[list[dict[str, Any]]], Any],
-               records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The records ``fn`` can take one by one (all of them when it takes the lot)."""
+               records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
+        """The records ``fn`` can take (all of them when it takes the lot, else those it
+        takes one by one) and ``fn`` of those records (None when it takes none)."""
         try:
-            fn(records)
-            return records
+            return records, fn(records)
         except Exception:  # noqa: BLE001
-            return self._probe(f"skipped ({name})", fn, records)
+            keep = self._probe(f"skipped ({name})", fn, records)
+        return keep, fn(keep) if keep else None
 
     def _probe(self, what: str, fn: Callable[[list[dict[str, Any]]], Any],
                records: list[dict[str, Any]]) -> list[dict[str, Any]]:
