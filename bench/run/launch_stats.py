@@ -85,8 +85,11 @@ def merge_launches(records: list[dict[str, Any]]) -> dict[str, Any]:
     """One cell's record from its launches' records (all ``ok``, same cell): the
     first launch's record with ``metrics.launches``, the cell's step-time figures
     from the launch medians (throughput and MFU rescaled to them), every launch's
-    samples in ``step_time_s`` (launch after launch), and ``timing.launches``."""
+    samples in ``step_time_s`` (launch after launch), and ``timing.launches``.
+    A launch that finished its record but exited badly (a rank killed at the
+    timeout after rank 0 wrote the record) keeps its reason, numbered."""
     first = records[0]
+    notes = [f"launch {k + 1} of {len(records)}: {r['reason']}" for k, r in enumerate(records) if r.get("reason")]
     launches = [launch_summary(r["metrics"]["step_time_s"], wall_s=r["timing"].get("wall_s"),
                                start_unix=r["timing"].get("launch_start_unix"),
                                fixed_cost_s=r["timing"].get("fixed_cost_s")) for r in records]
@@ -108,4 +111,4 @@ def merge_launches(records: list[dict[str, Any]]) -> dict[str, Any]:
     timing = {**first["timing"], "launches": [r["timing"] for r in records],
               "wall_s": sum(r["timing"].get("wall_s") or 0.0 for r in records),
               "fixed_cost_s": statistics.median(fixed) if fixed else None}
-    return {**first, "metrics": metrics, "timing": timing}
+    return {**first, "reason": "; ".join(notes) or None, "metrics": metrics, "timing": timing}

@@ -24,6 +24,15 @@ from bench.run.launchers.process import die_with_parent
 
 FAULT_SLOWDOWN = 0.20
 
+# What a rank built is never freed: the rank ends with os._exit. Freeing a gloo
+# process group (the last reference may be a DDP reducer's, or the group map
+# that destroy_process_group clears) holds the GIL and waits for gloo's worker
+# thread, which may still be freeing the last collective's tensors, and that
+# needs the GIL: a deadlock at the end of the rank (1 launch in ~12 of a torch
+# DDP cell here; py-spy: ~ProcessGroupGloo in pthread_mutex_lock, runLoop in
+# ~AsyncAllgatherWork waiting for the GIL).
+_KEPT_UNTIL_EXIT: list[Any] = []
+
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f"{path.name}.{os.uname().nodename}.{os.getpid()}.tmp")  # nodes may share the folder
@@ -95,6 +104,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
         backend = "gloo"
     dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     phases["process_group"] = time.time()
+    _KEPT_UNTIL_EXIT.append(dist.group.WORLD)
     try:
         torch.manual_seed(seed + rank)
 
@@ -116,6 +126,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
                 state_tensors = dict
             else:
                 step_fn, notes, state_tensors = _build_training(knobs, dims, device, seed, rank, world)
+            _KEPT_UNTIL_EXIT.append((step_fn, state_tensors))
             losses: list[torch.Tensor | None] = []
             meter = CommMeter()
             for s in range(warmup):
@@ -182,7 +193,10 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
                                                    step_index=warmup + steps, trace_dir=payload["profile_trace_dir"])
         return record
     finally:
-        dist.destroy_process_group()
+        from torch.distributed.distributed_c10d import _world
+
+        _KEPT_UNTIL_EXIT.extend(_world.pg_map)  # every group, the adapters' too
+        dist.destroy_process_group()  # shuts the backends down (NCCL's communicators); frees nothing now
 
 
 def _build_training(knobs, dims, device, seed: int, rank: int, world: int):
