@@ -57,6 +57,10 @@ class Knobs(BaseModel):
     """With `checkpointing: full`, recompute every k-th block only (1 = all blocks)."""
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     optimizer: Optimizer = "adamw"
+    lr: float | None = Field(default=None, gt=0, le=100)
+    """The optimizer's learning rate, the same for every adapter; left out: the
+    workload's 1e-3 for every optimizer. docs/convergence.md gives each
+    optimizer's rate for runs that must train (suites/convergence.yaml)."""
     freeze_step: int = Field(default=10, strict=True, ge=1)
     """1-bit Adam/LAMB: full-precision warm-up steps before the variance is
     frozen and momentum is communicated compressed (DeepSpeed's `freeze_step`)."""

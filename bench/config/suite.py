@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bench.config.knobs import KNOB_NAMES, Knobs, identity
 from bench.config.slurm import SlurmSettings
@@ -32,6 +32,35 @@ class SuiteError(ValueError):
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source, self.problems = source, problems
         super().__init__(f"{source}: invalid suite\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+REFERENCE = {"optimizer": "adamw", "precision": "fp32", "attention": "dense", "pp_schedule": "1f1b"}
+"""The quality axis's default reference: fp32 AdamW, dense attention, synchronous pipeline."""
+
+
+class QualitySettings(BaseModel):
+    """The quality axis (bench.analysis.convergence, docs/convergence.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    target_loss: float | None = Field(default=None, gt=0)
+    """Loss (nats per token, trailing mean) a cell must reach: its record gets
+    steps-, tokens- and time-to-target (MLPerf style). None: not measured."""
+    window: int = Field(default=10, ge=1, le=10_000)
+    """Steps in the trailing mean of the per-step losses (each step's batch is
+    new, so its loss before the update is a held-out loss)."""
+    reference: dict[str, Any] = Field(default_factory=lambda: dict(REFERENCE))
+    """Knob values of the reference cell each cell's loss is compared with, at
+    equal tokens (same model and seq_len; the same batch size where there is
+    one, then the cell sharing most knob values)."""
+
+    @field_validator("reference")
+    @classmethod
+    def _knobs_only(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(KNOB_NAMES))
+        if unknown:
+            raise ValueError(f"unknown knob(s) {unknown}; a reference names knob values")
+        return v
 
 
 class RunSettings(BaseModel):
@@ -78,6 +107,9 @@ class RunSettings(BaseModel):
     the GPU peak table with a default α–β for cuda cells (bench.plan.planner)."""
     predict: bool = False
     """Attach the planner's predicted step time and memory to every training cell (notes.plan)."""
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+    """Target loss, loss window and reference cell of the quality axis
+    (metrics.convergence in every training record)."""
 
     def profiles(self, knobs: Knobs) -> bool:
         """Whether the cell with these knobs gets the profiled step."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.analysis.convergence import convergence
 from bench import adapters
 from bench.run.launchers.base import LaunchOutcome, Launcher
 from bench.run.launch_stats import merge_launches
@@ -75,6 +76,8 @@ class Runner:
                 task = bar.add_task(self.suite.name, total=len(todo) * repeat)
 
                 def finish(record: dict[str, Any]) -> None:
+                    if record["status"] == "ok":  # after merging: time-to-target uses the cell's step time
+                        record["metrics"]["convergence"] = convergence(record, record["run"]["quality"])
                     self.run_file.append(record)
                     summary.counts[record["status"]] = summary.counts.get(record["status"], 0) + 1
                     if on_record:
@@ -262,7 +265,8 @@ class Runner:
             "reason": reason,
             "config": knobs.resolved(),
             "techniques": used_by(knobs),
-            "run": {"steps": self.suite.steps, "warmup": self.suite.warmup, "seed": self.suite.seed, "timeout_s": self.suite.timeout_s},
+            "run": {"steps": self.suite.steps, "warmup": self.suite.warmup, "seed": self.suite.seed, "timeout_s": self.suite.timeout_s,
+                    "quality": self.suite.quality.model_dump()},
             "env": {**self.env, "device_name": result["device_name"] if result else None},
             "notes": {**(result["notes"] if result else {}), **({"plan": cell.plan} if cell.plan else {})},
             "metrics": metrics,

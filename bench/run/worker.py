@@ -88,6 +88,9 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
 
     phases["imported"] = time.time()
     knobs = Knobs.model_validate(payload["knobs"])
+    from bench.workloads.train import set_learning_rate
+
+    set_learning_rate(knobs.lr)
     steps, warmup, seed = payload["steps"], payload["warmup"], payload["seed"]
     dims = knobs.dims
     world = int(os.environ.get("WORLD_SIZE", "1"))

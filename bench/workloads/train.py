@@ -10,9 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.workloads.source import STRIDES
 from impl.model_config import ModelConfig
 
 LR = 1e-3
+"""Every optimizer's default learning rate; a cell's ``lr`` knob replaces it
+(``set_learning_rate``, called by the worker before anything is built)."""
 BETAS = (0.9, 0.95)
 EPS = 1e-8
 WEIGHT_DECAY = 0.1
@@ -31,11 +34,12 @@ class Batch:
 
 def global_batch(cfg: ModelConfig, *, batch_size: int, seq_len: int, seed: int, step: int) -> Batch:
     """A learnable synthetic language: each row is an arithmetic progression
-    mod V with a random start and one of 8 strides, so the loss falls as the
-    model learns the strides (random tokens would give a flat log V)."""
+    mod V with a random start and one of ``STRIDES`` strides, so the loss falls
+    as the model learns the strides (random tokens would give a flat log V).
+    Its loss floor is ``bench.theory.convergence.loss_floor``."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     start = torch.randint(0, cfg.vocab_size, (batch_size, 1), generator=g)
-    stride = torch.randint(1, 9, (batch_size, 1), generator=g)
+    stride = torch.randint(1, STRIDES + 1, (batch_size, 1), generator=g)
     tokens = (start + stride * torch.arange(seq_len + 1)) % cfg.vocab_size
     return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
 
@@ -46,18 +50,32 @@ def local_batch(batch: Batch, *, dp_rank: int, dp: int) -> Batch:
     return Batch(batch.inputs[sl], batch.targets[sl])
 
 
+_learning_rate = LR
+
+
+def set_learning_rate(lr: float | None) -> None:
+    """This process's learning rate for every optimizer (None: ``LR``). A rank
+    runs one cell, so the cell's ``lr`` knob is set once, before the build."""
+    global _learning_rate
+    _learning_rate = LR if lr is None else lr
+
+
+def learning_rate() -> float:
+    return _learning_rate
+
+
 def optimizer_spec(name: str) -> tuple[type[torch.optim.Optimizer], dict]:
     """The torch optimizer class and the workload's hyper-parameters for it."""
     if name == "adamw":
-        return torch.optim.AdamW, {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY}
+        return torch.optim.AdamW, {"lr": learning_rate(), "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY}
     if name == "sgd":
-        return torch.optim.SGD, {"lr": LR, "momentum": SGD_MOMENTUM}
+        return torch.optim.SGD, {"lr": learning_rate(), "momentum": SGD_MOMENTUM}
     if name == "adafactor":
-        return torch.optim.Adafactor, {"lr": LR, "weight_decay": WEIGHT_DECAY}
+        return torch.optim.Adafactor, {"lr": learning_rate(), "weight_decay": WEIGHT_DECAY}
     if name == "adam8bit":  # what PyTorch users reach for: bitsandbytes (block 256 in 0.50, CPU kernels)
         from bitsandbytes.optim import AdamW8bit
 
-        return AdamW8bit, {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY}
+        return AdamW8bit, {"lr": learning_rate(), "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY}
     raise ValueError(f"optimizer {name!r} is not a torch optimizer")
 
 

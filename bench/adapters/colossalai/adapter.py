@@ -33,7 +33,7 @@ from bench.adapters.torch.adapter import ddp_kwargs
 from bench.config.framework_config import Setting, describe, settings_for
 from bench.config.knobs import Knobs
 from bench.config.techniques import used_by
-from bench.workloads.train import BETAS, EPS, LR, WEIGHT_DECAY, Batch, torch_optimizer
+from bench.workloads.train import BETAS, EPS, learning_rate, WEIGHT_DECAY, Batch, torch_optimizer
 from impl.model import Decoder, lm_loss
 from impl.parallel_dims import ParallelDims
 
@@ -271,9 +271,9 @@ def _optimizer(knobs: Knobs, model: torch.nn.Module) -> torch.optim.Optimizer:
     if knobs.optimizer == "lamb":
         from colossalai.nn.optimizer import Lamb
 
-        return Lamb(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+        return Lamb(model.parameters(), lr=learning_rate(), betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     if knobs.optimizer == "lars":
         from colossalai.nn.optimizer import Lars
 
-        return Lars(model.parameters(), lr=LR, momentum=0.9, weight_decay=WEIGHT_DECAY)
+        return Lars(model.parameters(), lr=learning_rate(), momentum=0.9, weight_decay=WEIGHT_DECAY)
     return torch_optimizer(knobs.optimizer, model.parameters())

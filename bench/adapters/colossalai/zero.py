@@ -15,7 +15,7 @@ import torch
 
 from bench.adapters.base import TrainStep
 from bench.config.knobs import Knobs
-from bench.workloads.train import BETAS, EPS, LR, WEIGHT_DECAY, Batch
+from bench.workloads.train import BETAS, EPS, learning_rate, WEIGHT_DECAY, Batch
 from impl.model import Decoder, lm_loss
 
 GEMINI_PRECISIONS = ("fp16", "bf16")  # colossalai/booster/plugin/gemini_plugin.py SUPPORTED_PRECISION
@@ -57,7 +57,7 @@ def build_zero(knobs: Knobs, model: Decoder, device: torch.device, make_optimize
     if knobs.zero == 3:
         from colossalai.nn.optimizer import HybridAdam
 
-        optimizer = HybridAdam(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+        optimizer = HybridAdam(model.parameters(), lr=learning_rate(), betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                                adamw_mode=True)
     else:
         optimizer = make_optimizer()

@@ -23,7 +23,7 @@ from bench.adapters.deepspeed.comms import CONFIG as COMMS_LOGGER
 from bench.adapters.deepspeed.pipeline import UNSUPPORTED_SCHEDULES, why_not_pipeline
 from bench.config.framework_config import Setting, deepspeed_settings, describe, value
 from bench.config.knobs import Knobs
-from bench.workloads.train import BETAS, EPS, LR, SGD_MOMENTUM, WEIGHT_DECAY, Batch
+from bench.workloads.train import BETAS, EPS, learning_rate, SGD_MOMENTUM, WEIGHT_DECAY, Batch
 from impl.model import Decoder, lm_loss, total_params
 from impl.parallel_dims import ParallelDims
 
@@ -190,8 +190,8 @@ def framework_settings(knobs: Knobs, psi: int, largest_param_numel: int) -> list
 def _optimizer_config(knobs: Knobs) -> dict[str, Any]:
     if knobs.optimizer == "sgd":
         # Not a DeepSpeed type: the engine falls back to getattr(torch.optim, "SGD").
-        return {"type": "SGD", "params": {"lr": LR, "momentum": SGD_MOMENTUM}}
-    params: dict[str, Any] = {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY}
+        return {"type": "SGD", "params": {"lr": learning_rate(), "momentum": SGD_MOMENTUM}}
+    params: dict[str, Any] = {"lr": learning_rate(), "betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY}
     # With offload DeepSpeed picks DeepSpeedCPUAdam(adamw_mode=True); otherwise
     # its default is FusedAdam (multi-tensor kernel) = our `fusion: fused`, and
     # `torch_adam` gives torch.optim.AdamW, the unfused baseline.

@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-from bench.workloads.train import BETAS, EPS, LR, SGD_MOMENTUM, WEIGHT_DECAY, optimizer_spec
+from bench.workloads.train import BETAS, EPS, learning_rate, SGD_MOMENTUM, WEIGHT_DECAY, optimizer_spec
 
 # Optimizers whose update is element-wise, so they can step ZeRO's flat shards.
 # The others need whole tensors: Adafactor factors each matrix, LAMB/LARS take a
@@ -44,11 +44,11 @@ def make_optimizer(name: str, named_params: Iterable[tuple[str, torch.Tensor]], 
     if name == "adafactor":
         from impl.optim.adafactor import Adafactor
 
-        return Adafactor.like_torch(params, lr=LR, weight_decay=WEIGHT_DECAY)
+        return Adafactor.like_torch(params, lr=learning_rate(), weight_decay=WEIGHT_DECAY)
     if name == "adam8bit":
         from impl.optim.adam8bit import Adam8bit
 
-        return Adam8bit(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+        return Adam8bit(params, lr=learning_rate(), betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     if name in ("lamb", "lars"):
         from impl.optim.param_groups import trust_ratio_groups
 
@@ -56,15 +56,15 @@ def make_optimizer(name: str, named_params: Iterable[tuple[str, torch.Tensor]], 
         if name == "lamb":
             from impl.optim.lamb import Lamb
 
-            return Lamb(groups, lr=LR, betas=BETAS, eps=LAMB_EPS)
+            return Lamb(groups, lr=learning_rate(), betas=BETAS, eps=LAMB_EPS)
         from impl.optim.lars import Lars
 
-        return Lars(groups, lr=LR, momentum=SGD_MOMENTUM, eta=LARS_ETA)
+        return Lars(groups, lr=learning_rate(), momentum=SGD_MOMENTUM, eta=LARS_ETA)
     if name in ("onebit_adam", "onebit_lamb"):
         from impl.optim.onebit import OneBitAdam, OneBitLamb
 
         cls = OneBitAdam if name == "onebit_adam" else OneBitLamb
-        return cls(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, freeze_step=freeze_step,
+        return cls(params, lr=learning_rate(), betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, freeze_step=freeze_step,
                    group=group)
     raise ValueError(f"unknown optimizer {name!r}")
 

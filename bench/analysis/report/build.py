@@ -8,13 +8,14 @@ from typing import Any
 import jinja2
 import pandas as pd
 
+from bench.analysis.convergence import quality_rows
 from bench.analysis.explain import breakdown_plot, explain_pages
 from bench.config.knobs import Knobs
 from bench.plan.planner import validation as planner_validation
 from bench.analysis.report.adapter_ratios import adapter_ratio_rows
 from bench.analysis.report.labels import DEFAULTS, cell_label, config_key
 from bench.analysis.report.plots import (busbw_plot, loss_parity_plots, metric_plot, pipeline_timeline_plots, scaling_plots,
-                                step_plot, launch_strip_plot)
+                                step_plot, launch_strip_plot, quality_plot)
 from bench.analysis.report.pipeline import BUBBLE_TOLERANCE, pipeline_bubble_rows
 from bench.analysis.report.scaling_fit import scaling_fit_plot, scaling_rows
 from bench.analysis.report.guard import Guard
@@ -216,6 +217,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
                                ("communication MiB/step", "comm_mib_per_step"), ("MFU %", "mfu_pct"))
           for group in sorted(set(df.group) - {"baseline"}) or ["baseline"]),
         *single("all-reduce busbw", busbw_plot),
+        *single("loss against tokens (quality axis): trailing mean, the source's floor and the target", quality_plot),
         *several("loss parity plots", loss_parity_plots),
         *several("scaling plots", scaling_plots),
         *single("time and peak memory against seq_len (log-log, fitted exponent b)", scaling_fit_plot),
@@ -226,6 +228,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
     sections = {
         "theory": g.section("measured ÷ theory", theory_rows, records, []),
         "optimizer_state": g.section("optimizer state", optimizer_state_rows, records, []),
+        "quality": g.section("quality", quality_rows, records, []),
         "checkpointing": g.section("checkpointing", checkpointing_rows, records, []),
         "support": g.section("support matrix", support_matrix, records, {"adapters": [], "rows": []}),
         "scaling": g.section("scaling", scaling_rows, records, []),

@@ -10,14 +10,14 @@ DEFAULTS = {name: field.default for name, field in Knobs.model_fields.items()}
 LABEL_KNOBS = ("strategy", "world_size", "cp", "tp", "tp_mode", "tp_depth", "pp", "virtual_stages", "pp_balance", "zero", "offload", "precision", "optimizer", "microbatches", "checkpointing",
                "checkpoint_every", "freeze_step",
                "allreduce", "fusion", "attention", "sequence_parallel", "pp_schedule", "workload", "message_bytes", "fault",
-               "framework_config", "tuning_candidate")
+               "framework_config", "tuning_candidate", "lr")
 
 
 def cell_label(config: dict[str, Any], *, drop: tuple[str, ...] = (), always: tuple[str, ...] = ("world_size",)) -> str:
     """``k=v`` for each label knob that differs from its default (and those in
     ``always``), in config order, leaving out ``drop``."""
     return " ".join(f"{k}={v}" for k, v in config.items()
-                    if k in LABEL_KNOBS and k not in drop and (k in always or v != DEFAULTS.get(k)))
+                    if (k in LABEL_KNOBS or k in always) and k not in drop and (k in always or v != DEFAULTS.get(k)))
 
 
 def config_key(config: dict[str, Any], drop: tuple[str, ...]) -> str:

@@ -211,3 +211,34 @@ def pipeline_timeline_plots(records: list[dict[str, Any]]) -> list[tuple[str, st
         ax.set_title(f"{r['adapter']} pp={c['pp']} {c['pp_schedule']} m={c['microbatches']} ({r['cell_id']}){bubble}")
         out.append((f"pipeline timeline {r['cell_id']}", _png(fig)))
     return out
+
+
+def quality_plot(records: list[dict[str, Any]]) -> str | None:
+    """Each training cell's loss curve (trailing mean, metrics.convergence) against
+    tokens, with the source's loss floor and the target: what a lossy technique
+    costs shows as the gap between its curve and the reference's."""
+    import seaborn as sns
+
+    rows, floors, targets = [], set(), set()
+    for r in _ok(records):
+        conv = r["metrics"].get("convergence")
+        if not conv or conv["tokens"] < 20 * conv["tokens_per_step"]:  # too short to read a curve from
+            continue
+        name = f"{r['adapter']} {cell_label(r['config'], always=('batch_size',))}"
+        rows += [{"tokens": (i + 1) * conv["tokens_per_step"], "loss": v, "cell": name}
+                 for i, v in enumerate(conv["curve"]) if v is not None]
+        floors.add(conv["loss_floor"])
+        targets.add(conv["target_loss"])
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    sns.lineplot(data=pd.DataFrame(rows), x="tokens", y="loss", hue="cell", ax=ax)
+    for floor in floors - {None}:
+        ax.axhline(floor, color="black", linestyle=":", linewidth=1, label=f"loss floor {floor:.3f}")
+    for target in targets - {None}:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+    ax.set_ylabel("loss, nats/token (trailing mean)")
+    ax.legend(fontsize=7)
+    _legend_outside(ax)
+    return _png(fig)

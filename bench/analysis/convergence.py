@@ -1,0 +1,131 @@
+"""The quality axis: how far a cell's training got, against the source's floor,
+a target loss and a reference cell.
+
+Every step trains on a batch no step saw before (bench.workloads.train draws
+batch s from (seed, s)), and its loss is taken before that step's update: the
+per-step loss is a held-out loss of the current weights (progressive
+validation: Blum, Kalai & Langford, COLT 1999). Its trailing mean over
+``window`` steps is the loss curve; no extra evaluation pass runs, so every
+adapter, parallel layout and pipeline schedule is measured the same way.
+
+- ``final_loss``: the curve's last value, at ``tokens`` = steps × global batch tokens;
+- ``gap_to_floor``: final_loss − theory.loss_floor (bench.theory.convergence);
+- ``steps_to_target``: the first step whose trailing mean is at or below the
+  suite's ``quality.target_loss``; ``tokens_to_target`` = steps × batch tokens;
+- ``time_to_target_s``: steps_to_target × the cell's median step time, with
+  the step-time CI across launches scaled alike (none for one launch; warm-up steps, untimed, count
+  at the median; MLPerf's time-to-train also counts the first steps).
+- ``gap_to_reference`` (``quality_rows``): final_loss − the reference cell's
+  curve at the same token count (linear between its steps), the reference
+  being the suite's ``quality.reference`` knob values, same model and seq_len
+  (``reference_for``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+DEFINITION = ("trailing mean of per-step losses over `window` steps; each step's batch is new, its loss taken "
+              "before the update (a held-out loss); time-to-target = steps × median step time")
+
+
+def trailing_mean(losses: list[float | None], window: int) -> list[float | None]:
+    """Mean of the last ``window`` losses at each step (None until a full window,
+    or where a loss in it is missing)."""
+    out: list[float | None] = []
+    for i in range(len(losses)):
+        chunk = losses[i + 1 - window:i + 1] if i + 1 >= window else []
+        out.append(sum(chunk) / window if chunk and all(v is not None for v in chunk) else None)
+    return out
+
+
+def convergence(record: dict[str, Any], quality: dict[str, Any]) -> dict[str, Any] | None:
+    """``metrics.convergence`` of one ok training record; ``quality``: the suite's settings."""
+    config, metrics = record["config"], record.get("metrics") or {}
+    losses = metrics.get("losses") or []
+    if config.get("workload", "train") != "train" or not losses:
+        return None
+    window = min(quality["window"], len(losses))
+    curve = trailing_mean(losses, window)
+    tokens_per_step = config["batch_size"] * config["seq_len"]
+    floor = (record.get("theory") or {}).get("loss_floor")
+    final = curve[-1]
+    target = quality.get("target_loss")
+    reached = next((i + 1 for i, v in enumerate(curve) if v is not None and v <= target), None) if target else None
+    median = metrics.get("step_time_median_s")
+    ci = metrics.get("step_time_ci_s") if len(metrics.get("launches") or []) > 1 else None  # across launches only
+    return {
+        "window": window,
+        "tokens_per_step": tokens_per_step,
+        "tokens": len(losses) * tokens_per_step,
+        "first_loss": next((v for v in curve if v is not None), None),
+        "final_loss": final,
+        "loss_floor": floor,
+        "gap_to_floor": final - floor if final is not None and floor is not None else None,
+        "target_loss": target,
+        "steps_to_target": reached,
+        "tokens_to_target": reached * tokens_per_step if reached else None,
+        "time_to_target_s": reached * median if reached and median else None,
+        "time_to_target_ci_s": [reached * ci[0], reached * ci[1]] if reached and ci and None not in ci else None,
+        "curve": curve,
+        "definition": DEFINITION,
+    }
+
+
+def _at_tokens(conv: dict[str, Any], tokens: float) -> float | None:
+    """The cell's curve at ``tokens`` (linear between steps; None outside it)."""
+    per = conv["tokens_per_step"]
+    points = [((i + 1) * per, v) for i, v in enumerate(conv["curve"]) if v is not None]
+    for (t0, v0), (t1, v1) in zip(points, points[1:]):
+        if t0 <= tokens <= t1:
+            return v0 + (v1 - v0) * (tokens - t0) / (t1 - t0)
+    return points[-1][1] if points and points[-1][0] == tokens else None
+
+
+def reference_for(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The suite's reference cell for ``record``: its ``quality.reference`` knob
+    values, the same model and seq_len; of those, the same batch size where one
+    exists, then the one sharing most knob values (PipeDream's reference is the
+    1F1B cell of its pipeline layout, not a data-parallel cell)."""
+    wanted = ((record.get("run") or {}).get("quality") or {}).get("reference") or {}
+    c = record["config"]
+    pool = [r for r in records if r["status"] == "ok" and (r.get("metrics") or {}).get("convergence")
+            and all(r["config"].get(k) == v for k, v in wanted.items())
+            and r["config"]["model"] == c["model"] and r["config"]["seq_len"] == c["seq_len"]]
+    if not pool:
+        return None
+    return max(pool, key=lambda r: (r["config"]["batch_size"] == c["batch_size"],
+                                    sum(r["config"].get(k) == v for k, v in c.items())))
+
+
+def quality_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per ok training cell: loss against floor, target and reference,
+    and the speed and memory it traded for it (cell ÷ reference)."""
+    from bench.analysis.report.labels import cell_label  # the report package imports this module
+
+    rows = []
+    for r in records:
+        conv = (r.get("metrics") or {}).get("convergence")
+        if r["status"] != "ok" or not conv:
+            continue
+        ref = reference_for(r, records)
+        ref_conv = ref["metrics"]["convergence"] if ref else None
+        at_ref = _at_tokens(ref_conv, conv["tokens"]) if ref_conv else None
+        m, rm = r["metrics"], (ref or {}).get("metrics") or {}
+        rows.append({
+            "cell": r["cell_id"], "adapter": r["adapter"], "label": cell_label(r["config"], always=("world_size", "batch_size")),
+            "is_reference": ref is r, "reference": ref["cell_id"] if ref else None,
+            "tokens": conv["tokens"], "final_loss": conv["final_loss"], "loss_floor": conv["loss_floor"],
+            "gap_to_floor": conv["gap_to_floor"],
+            "gap_to_reference": conv["final_loss"] - at_ref if at_ref is not None and conv["final_loss"] is not None else None,
+            "target_loss": conv["target_loss"], "tokens_to_target": conv["tokens_to_target"],
+            "time_to_target_s": conv["time_to_target_s"], "time_to_target_ci_s": conv["time_to_target_ci_s"],
+            "step_time_vs_reference": _ratio(m.get("step_time_median_s"), rm.get("step_time_median_s")),
+            "peak_mem_vs_reference": _ratio(m.get("peak_mem_bytes"), rm.get("peak_mem_bytes")),
+            "optimizer_state_vs_reference": _ratio((m.get("model_state_bytes") or {}).get("optimizer"),
+                                                   (rm.get("model_state_bytes") or {}).get("optimizer")),
+        })
+    return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None

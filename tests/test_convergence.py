@@ -1,0 +1,63 @@
+"""The quality axis's arithmetic on records with known curves (bench.analysis.convergence)."""
+from __future__ import annotations
+
+import pytest
+
+from bench.analysis.convergence import convergence, quality_rows, trailing_mean
+
+QUALITY = {"target_loss": 2.0, "window": 2, "reference": {"optimizer": "adamw", "precision": "fp32"}}
+
+
+def record(cell, losses, *, optimizer="adamw", precision="fp32", batch_size=4, step_s=0.5, launches=3,
+           ci=(0.4, 0.6), mem=100, status="ok"):
+    r = {"cell_id": cell, "adapter": "inhouse", "status": status, "cell_label": cell,
+         "config": {"workload": "train", "model": "tiny", "seq_len": 8, "batch_size": batch_size,
+                    "optimizer": optimizer, "precision": precision},
+         "run": {"quality": QUALITY}, "theory": {"loss_floor": 0.25},
+         "metrics": {"losses": losses, "step_time_median_s": step_s, "step_time_ci_s": list(ci),
+                     "launches": [{}] * launches, "peak_mem_bytes": mem, "model_state_bytes": {"optimizer": mem}}}
+    r["metrics"]["convergence"] = convergence(r, QUALITY)
+    return r
+
+
+def test_trailing_mean_needs_a_full_window():
+    assert trailing_mean([4.0, 2.0, None, 1.0, 3.0], 2) == [None, 3.0, None, None, 2.0]
+
+
+def test_steps_tokens_and_time_to_target():
+    c = record("a", [6.0, 4.0, 3.0, 1.5, 1.0, 1.0])["metrics"]["convergence"]
+    # trailing means: -, 5, 3.5, 2.25, 1.25, 1.0 → first ≤ 2.0 at step 5
+    assert c["steps_to_target"] == 5 and c["tokens_to_target"] == 5 * 4 * 8
+    assert c["time_to_target_s"] == pytest.approx(2.5) and c["time_to_target_ci_s"] == pytest.approx([2.0, 3.0])
+    assert c["final_loss"] == 1.0 and c["gap_to_floor"] == pytest.approx(0.75) and c["tokens"] == 6 * 32
+
+
+def test_one_launch_has_no_time_interval_and_an_unreached_target_no_time():
+    assert record("a", [6.0, 4.0, 1.0, 1.0], launches=1)["metrics"]["convergence"]["time_to_target_ci_s"] is None
+    c = record("b", [6.0, 5.0, 4.0])["metrics"]["convergence"]
+    assert c["steps_to_target"] is None and c["time_to_target_s"] is None and c["final_loss"] == 4.5
+
+
+def test_gap_to_reference_at_equal_tokens_across_batch_sizes():
+    ref = record("ref", [6.0, 4.0, 3.0, 2.0, 2.0, 1.0, 1.0, 1.0], batch_size=4)  # curve: -,5,3.5,2.5,2,1.5,1,1
+    big = record("lamb", [6.0, 3.0, 3.0, 3.0], optimizer="lamb", batch_size=8, step_s=0.75, mem=50)  # 4 steps × 64 tokens
+    half = record("bf16", [6.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.5, 1.5], precision="bf16", mem=60)
+    rows = {r["cell"]: r for r in quality_rows([ref, big, half])}
+    assert rows["ref"]["is_reference"] and rows["ref"]["gap_to_reference"] == 0
+    # no same-batch reference for lamb: the adamw cell at 256 tokens (its step 8) = 1.0; lamb's final 3.0
+    assert rows["lamb"]["reference"] == "ref" and rows["lamb"]["gap_to_reference"] == pytest.approx(2.0)
+    assert rows["lamb"]["step_time_vs_reference"] == pytest.approx(1.5) and rows["lamb"]["peak_mem_vs_reference"] == 0.5
+    assert rows["bf16"]["gap_to_reference"] == pytest.approx(0.5) and rows["bf16"]["optimizer_state_vs_reference"] == 0.6
+
+
+def test_interpolates_between_reference_steps():
+    ref = record("ref", [4.0, 4.0, 2.0, 2.0], batch_size=4)  # curve by tokens 64: 4, 96: 3, 128: 2
+    odd = record("x", [5.0, 3.0, 3.0], optimizer="sgd", batch_size=4)
+    odd["metrics"]["convergence"]["tokens"] = 80  # between the reference's steps 2 (64) and 3 (96)
+    (row,) = [r for r in quality_rows([ref, odd]) if r["cell"] == "x"]
+    assert row["gap_to_reference"] == pytest.approx(3.0 - 3.5)
+
+
+def test_failed_cells_and_cells_without_a_reference():
+    rows = quality_rows([record("f", [6.0, 5.0], status="error"), record("s", [6.0, 5.0], optimizer="sgd")])
+    assert [r["cell"] for r in rows] == ["s"] and rows[0]["reference"] is None and rows[0]["gap_to_reference"] is None
