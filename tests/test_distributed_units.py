@@ -51,3 +51,10 @@ def test_zero_fp16_loss_scaling_skips_overflow_on_every_rank():
 def test_cpu_peak_tracker_counts_frees_on_gloo_threads():
     out = torchrun("check_cpu_peak_tracker.py", 2)
     assert out.count("OK rank") == 2, out
+
+
+def test_zero_with_gradient_accumulation_equals_single_process_sgd():
+    # SGD's update is linear in the gradient (Adam's is not): a stage that mis-scales
+    # accumulated micro-batch gradients fails here (×2 at grad_shard.add_: error 0.80 vs 1e-4).
+    out = torchrun("check_zero_accumulation.py", 2)
+    assert out.count("OK stage=") == 6
