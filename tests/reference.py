@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import torch
 
-from bench.workloads.train import global_batch, torch_optimizer
+from bench.workloads.train import global_batch, set_learning_rate, torch_optimizer
 from impl.model import build_model, lm_loss, model_config
 
 
 def reference_losses(*, model: str = "tiny", batch_size: int, seq_len: int, seed: int, steps: int,
-                     optimizer: str = "adamw") -> list[float]:
-    """Plain training loop on the whole global batch, in fp32."""
+                     optimizer: str = "adamw", lr: float | None = None) -> list[float]:
+    """Plain training loop on the whole global batch, in fp32 (``lr``: the cell's knob)."""
     cfg = model_config(model)
     net = build_model(cfg, seed)
-    opt = torch_optimizer(optimizer, net.parameters())
+    set_learning_rate(lr)
+    try:
+        opt = torch_optimizer(optimizer, net.parameters())
+    finally:
+        set_learning_rate(None)
     losses = []
     for step in range(steps):
         b = global_batch(cfg, batch_size=batch_size, seq_len=seq_len, seed=seed, step=step)

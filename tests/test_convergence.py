@@ -4,15 +4,16 @@ from __future__ import annotations
 import pytest
 
 from bench.analysis.convergence import convergence, quality_rows, trailing_mean
+from bench.config.suite import REFERENCE
 
-QUALITY = {"target_loss": 2.0, "window": 2, "reference": {"optimizer": "adamw", "precision": "fp32"}}
+QUALITY = {"target_loss": 2.0, "window": 2, "reference": REFERENCE}
 
 
 def record(cell, losses, *, optimizer="adamw", precision="fp32", batch_size=4, step_s=0.5, launches=3,
            ci=(0.4, 0.6), mem=100, status="ok"):
     r = {"cell_id": cell, "adapter": "inhouse", "status": status, "cell_label": cell,
          "config": {"workload": "train", "model": "tiny", "seq_len": 8, "batch_size": batch_size,
-                    "optimizer": optimizer, "precision": precision},
+                    "optimizer": optimizer, "precision": precision, "attention": "dense", "pp_schedule": "1f1b"},
          "run": {"quality": QUALITY}, "theory": {"loss_floor": 0.25},
          "metrics": {"losses": losses, "step_time_median_s": step_s, "step_time_ci_s": list(ci),
                      "launches": [{}] * launches, "peak_mem_bytes": mem, "model_state_bytes": {"optimizer": mem}}}
@@ -61,3 +62,56 @@ def test_interpolates_between_reference_steps():
 def test_failed_cells_and_cells_without_a_reference():
     rows = quality_rows([record("f", [6.0, 5.0], status="error"), record("s", [6.0, 5.0], optimizer="sgd")])
     assert [r["cell"] for r in rows] == ["s"] and rows[0]["reference"] is None and rows[0]["gap_to_reference"] is None
+
+
+def test_pipedream_is_compared_with_1f1b_on_its_own_stages():
+    dp = record("dp", [6.0, 4.0, 3.0, 2.0])
+    sync = record("1f1b", [6.0, 4.0, 3.0, 2.0])
+    stale = record("pipedream", [6.0, 5.0, 4.0, 3.0])
+    sync["config"].update(pp=2, microbatches=4, pp_schedule="1f1b")
+    stale["config"].update(pp=2, microbatches=4, pp_schedule="pipedream")
+    dp["config"].update(pp=1, microbatches=1, pp_schedule="1f1b")
+    (row,) = [r for r in quality_rows([dp, sync, stale]) if r["cell"] == "pipedream"]
+    assert row["reference"] == "1f1b" and row["gap_to_reference"] == pytest.approx(1.0)
+
+
+SUITE = """
+name: conv
+steps: 118
+warmup: 2
+timeout_s: 120
+quality: {target_loss: 5.0, window: 10}
+defaults: {model: tiny, world_size: 1, batch_size: 16, seq_len: 32, lr: 0.003}
+matrix:
+  lr: [0.003, 1.0e-9]
+"""
+
+
+def test_a_run_records_convergence_and_the_report_shows_it(tmp_path):
+    """End to end: the cell that trains reaches the target; the one whose
+    weights barely move (lr 1e-9) does not, and sits ~ln V above the floor."""
+    import json
+    import math
+
+    from tests.conftest import bench
+
+    (tmp_path / "s.yaml").write_text(SUITE)
+    bench("run", str(tmp_path / "s.yaml"), "--results", str(tmp_path / "r"), "--run-id", "c", "--no-progress")
+    recs = {r["config"]["lr"]: r for r in map(json.loads, (tmp_path / "r" / "conv" / "c.jsonl").read_text().splitlines())}
+    trains, frozen = recs[0.003]["metrics"]["convergence"], recs[1e-9]["metrics"]["convergence"]
+    assert trains["loss_floor"] == pytest.approx(math.log(8) / 32) and trains["tokens"] == 120 * 16 * 32
+    assert trains["steps_to_target"] is not None and trains["final_loss"] < 5.0 < frozen["final_loss"]
+    assert trains["time_to_target_s"] == pytest.approx(trains["steps_to_target"] * recs[0.003]["metrics"]["step_time_median_s"])
+    assert frozen["steps_to_target"] is None and abs(frozen["final_loss"] - math.log(1024)) < 0.05
+    bench("report", str(tmp_path / "r" / "conv" / "c.jsonl"), "--out", str(tmp_path / "rep"))
+    html = next((tmp_path / "rep").rglob("index.html")).read_text()
+    assert "id=\"quality-table\"" in html and "not reached" in html and "(reference)" in html
+
+
+def test_trade_sentence_names_savings_costs_and_the_loss_gap():
+    ref = record("ref", [6.0, 4.0, 3.0, 2.0])
+    cheap = record("8bit", [6.0, 4.0, 3.0, 2.5], optimizer="adam8bit", step_s=1.5, mem=25)
+    rows = {r["cell"]: r for r in quality_rows([ref, cheap])}
+    assert rows["ref"]["trade"] == "reference"
+    assert rows["8bit"]["trade"] == ("step time +200 %, peak memory -75 %, optimizer state -75 %; "
+                                     "loss +0.250 nats at 128 tokens")

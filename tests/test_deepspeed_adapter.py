@@ -88,11 +88,10 @@ def test_fp32_losses_match_single_process_reference(ds):
             assert abs(a - b) <= 1e-4 * abs(b), f"{k} step {step}: {a} vs reference {b}"
 
 
-def test_bf16_losses_within_two_percent_of_fp32(ds):
+def test_bf16_ran_in_bf16(ds):
+    # 16-bit loss checks that need learning: tests/test_precision_learning.py
     fp32, bf16 = ds[FP32[2]]["metrics"]["losses"], ds[BF16]["metrics"]["losses"]
-    for a, b in zip(bf16, fp32):
-        assert abs(a - b) <= 0.02 * abs(b)
-    assert bf16 != fp32  # it really ran in bf16
+    assert bf16 != fp32
     assert ds[BF16]["notes"]["deepspeed_config"]["bf16"] == {"enabled": True}
 
 

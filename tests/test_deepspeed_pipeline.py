@@ -94,10 +94,9 @@ def test_fp32_losses_match_single_process_reference(pipe):
     assert worst < 1e-6  # the same math, reordered only by micro-batching: ~1e-7 in practice
 
 
-def test_bf16_losses_within_two_percent_of_fp32(pipe):
+def test_bf16_ran_in_bf16(pipe):
+    # 16-bit loss checks that need learning: tests/test_precision_learning.py
     fp32, bf16 = pipe[PP2]["metrics"]["losses"], pipe[BF16]["metrics"]["losses"]
-    for a, b in zip(bf16, fp32):
-        assert abs(a - b) <= 0.02 * abs(b)
     assert bf16 != fp32
     assert pipe[BF16]["notes"]["wrapper"].endswith("(BF16_Optimizer)")
 

@@ -124,7 +124,7 @@ def mutated_suites(draw):
     elif kind == "setting_value":
         field = draw(st.sampled_from(SETTINGS))
         suite[field] = draw(hostile)
-        must_refuse = isinstance(suite[field], dict) and field != "slurm"
+        must_refuse = isinstance(suite[field], dict) and field not in ("slurm", "quality")  # the settings that are mappings
     elif kind == "misspelt_knob":
         field = misspell(draw(st.sampled_from(KNOB_NAMES)), draw(st.data()))
         if field in KNOB_NAMES:

@@ -47,11 +47,10 @@ def test_fp32_loss_parity(recs):
                 assert abs(a - b) <= 1e-4 * b, (key, a, b)
 
 
-def test_mixed_precision_tracks_fp32(recs):
-    ref = reference_losses(batch_size=8, seq_len=32, seed=0, steps=6)
+def test_mixed_precision_cells_ran(recs):
+    # 16-bit loss checks that need learning: tests/test_precision_learning.py
     for key in ((3, "none", "bf16", "none"), (0, "none", "fp16", "none")):
-        for a, b in zip(recs[key]["metrics"]["losses"], ref):
-            assert abs(a - b) <= 0.01 * b, (key, a, b)
+        assert recs[key]["status"] == "ok", recs[key]["reason"]
 
 
 def test_fsdp2_comm_equals_zero_theory(recs):

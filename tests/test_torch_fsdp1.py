@@ -49,8 +49,7 @@ def test_losses_match_single_process_reference(recs):
     for key in ((0, "fp32", 1, "none"), (2, "fp32", 1, "none"), (3, "fp32", 1, "none"), (2, "fp32", 2, "none")):
         for a, b in zip(recs[key]["metrics"]["losses"], ref, strict=True):
             assert abs(a - b) <= 1e-4 * b, (key, a, b)
-    for a, b in zip(recs[(3, "bf16", 1, "none")]["metrics"]["losses"], ref, strict=True):
-        assert abs(a - b) <= 0.01 * b, (a, b)
+    # bf16: 16-bit loss checks that need learning: tests/test_precision_learning.py
 
 
 def test_traffic_equals_zero_theory_and_the_root_unit_difference(recs):

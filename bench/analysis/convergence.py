@@ -124,7 +124,23 @@ def quality_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "optimizer_state_vs_reference": _ratio((m.get("model_state_bytes") or {}).get("optimizer"),
                                                    (rm.get("model_state_bytes") or {}).get("optimizer")),
         })
+    for row in rows:
+        row["trade"] = trade(row)
     return rows
+
+
+def trade(row: dict[str, Any]) -> str:
+    """One sentence: what the cell saves or costs against its reference, and the
+    loss it pays for it ("optimizer state −75 %, step time +204 %; loss +0.015 at
+    204,800 tokens")."""
+    if row["is_reference"] or row["reference"] is None:
+        return "reference" if row["is_reference"] else "no reference"
+    parts = [f"{what} {100 * (v - 1):+.0f} %" for what, v in (
+        ("step time", row["step_time_vs_reference"]), ("peak memory", row["peak_mem_vs_reference"]),
+        ("optimizer state", row["optimizer_state_vs_reference"])) if v is not None and abs(v - 1) >= 0.005]
+    gap = row["gap_to_reference"]
+    loss = f"loss {gap:+.3f} nats at {row['tokens']:,} tokens" if gap is not None else "loss not comparable (tokens beyond the reference's)"
+    return ", ".join(parts or ["no speed or memory change"]) + "; " + loss
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
