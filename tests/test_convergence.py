@@ -16,7 +16,8 @@ def record(cell, losses, *, optimizer="adamw", precision="fp32", batch_size=4, s
                     "optimizer": optimizer, "precision": precision, "attention": "dense", "pp_schedule": "1f1b"},
          "run": {"quality": QUALITY}, "theory": {"loss_floor": 0.25},
          "metrics": {"losses": losses, "step_time_median_s": step_s, "step_time_ci_s": list(ci),
-                     "launches": [{}] * launches, "peak_mem_bytes": mem, "model_state_bytes": {"optimizer": mem}}}
+                     "launches": [{"median_s": step_s * (1 + 0.01 * k)} for k in range(launches)],
+                     "step_time_s": [step_s] * launches, "peak_mem_bytes": mem, "model_state_bytes": {"optimizer": mem}}}
     r["metrics"]["convergence"] = convergence(r, QUALITY)
     return r
 
@@ -113,5 +114,10 @@ def test_trade_sentence_names_savings_costs_and_the_loss_gap():
     cheap = record("8bit", [6.0, 4.0, 3.0, 2.5], optimizer="adam8bit", step_s=1.5, mem=25)
     rows = {r["cell"]: r for r in quality_rows([ref, cheap])}
     assert rows["ref"]["trade"] == "reference"
-    assert rows["8bit"]["trade"] == ("step time +200 %, peak memory -75 %, optimizer state -75 %; "
-                                     "loss +0.250 nats at 128 tokens")
+    low, high = rows["8bit"]["step_time_vs_reference_ci"]
+    assert low <= 3.0 <= high and high - low < 0.1
+    assert rows["8bit"]["trade"] == (f"step time +200 % [{100 * (low - 1):+.0f}, {100 * (high - 1):+.0f}], peak memory -75 %, "
+                                     "optimizer state -75 %; loss +0.250 nats at 128 tokens")
+    one = record("one", [6.0, 4.0, 3.0, 2.5], optimizer="sgd", step_s=1.0, launches=1)
+    (row,) = [r for r in quality_rows([ref, one]) if r["cell"] == "one"]
+    assert row["step_time_vs_reference_ci"] is None and row["trade"].startswith("step time +98 % (one launch: no interval); loss")  # 1.0 ÷ median(0.5, 0.505, 0.51)

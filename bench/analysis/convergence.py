@@ -119,7 +119,7 @@ def quality_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "gap_to_reference": conv["final_loss"] - at_ref if at_ref is not None and conv["final_loss"] is not None else None,
             "target_loss": conv["target_loss"], "tokens_to_target": conv["tokens_to_target"],
             "time_to_target_s": conv["time_to_target_s"], "time_to_target_ci_s": conv["time_to_target_ci_s"],
-            "step_time_vs_reference": _ratio(m.get("step_time_median_s"), rm.get("step_time_median_s")),
+            **_time_ratio(r, ref),
             "peak_mem_vs_reference": _ratio(m.get("peak_mem_bytes"), rm.get("peak_mem_bytes")),
             "optimizer_state_vs_reference": _ratio((m.get("model_state_bytes") or {}).get("optimizer"),
                                                    (rm.get("model_state_bytes") or {}).get("optimizer")),
@@ -138,9 +138,25 @@ def trade(row: dict[str, Any]) -> str:
     parts = [f"{what} {100 * (v - 1):+.0f} %" for what, v in (
         ("step time", row["step_time_vs_reference"]), ("peak memory", row["peak_mem_vs_reference"]),
         ("optimizer state", row["optimizer_state_vs_reference"])) if v is not None and abs(v - 1) >= 0.005]
+    ci = row["step_time_vs_reference_ci"]
+    if parts and parts[0].startswith("step time"):
+        parts[0] += (f" [{100 * (ci[0] - 1):+.0f}, {100 * (ci[1] - 1):+.0f}]" if ci else " (one launch: no interval)")
     gap = row["gap_to_reference"]
     loss = f"loss {gap:+.3f} nats at {row['tokens']:,} tokens" if gap is not None else "loss not comparable (tokens beyond the reference's)"
     return ", ".join(parts or ["no speed or memory change"]) + "; " + loss
+
+
+def _time_ratio(record: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, Any]:
+    """Step time ÷ the reference's: the Hodges–Lehmann ratio of launch medians,
+    with its 95 % bootstrap interval where both ran more than one launch."""
+    from bench.analysis.compare import hodges_lehmann_ratio, launch_medians, ratio_ci
+
+    if ref is None or not record["metrics"].get("step_time_s") or not ref["metrics"].get("step_time_s"):
+        return {"step_time_vs_reference": None, "step_time_vs_reference_ci": None}
+    mine, theirs = launch_medians(record), launch_medians(ref)
+    both = record is not ref and len(mine) > 1 and len(theirs) > 1
+    return {"step_time_vs_reference": hodges_lehmann_ratio(theirs, mine),
+            "step_time_vs_reference_ci": ratio_ci(theirs, mine) if both else None}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
