@@ -123,6 +123,7 @@ def quality_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak_mem_vs_reference": _ratio(m.get("peak_mem_bytes"), rm.get("peak_mem_bytes")),
             "optimizer_state_vs_reference": _ratio((m.get("model_state_bytes") or {}).get("optimizer"),
                                                    (rm.get("model_state_bytes") or {}).get("optimizer")),
+            "comm_vs_reference": _ratio(m.get("comm_bytes_per_step"), rm.get("comm_bytes_per_step")),
         })
     for row in rows:
         row["trade"] = trade(row)
@@ -137,7 +138,8 @@ def trade(row: dict[str, Any]) -> str:
         return "reference" if row["is_reference"] else "no reference"
     parts = [f"{what} {100 * (v - 1):+.0f} %" for what, v in (
         ("step time", row["step_time_vs_reference"]), ("peak memory", row["peak_mem_vs_reference"]),
-        ("optimizer state", row["optimizer_state_vs_reference"])) if v is not None and abs(v - 1) >= 0.005]
+        ("optimizer state", row["optimizer_state_vs_reference"]), ("communication", row["comm_vs_reference"]))
+        if v is not None and abs(v - 1) >= 0.005]
     ci = row["step_time_vs_reference_ci"]
     if parts and parts[0].startswith("step time"):
         parts[0] += (f" [{100 * (ci[0] - 1):+.0f}, {100 * (ci[1] - 1):+.0f}]" if ci else " (one launch: no interval)")

@@ -15,7 +15,7 @@ from bench.plan.planner import validation as planner_validation
 from bench.analysis.report.adapter_ratios import adapter_ratio_rows
 from bench.analysis.report.labels import DEFAULTS, cell_label, config_key
 from bench.analysis.report.plots import (busbw_plot, loss_parity_plots, metric_plot, pipeline_timeline_plots, scaling_plots,
-                                step_plot, launch_strip_plot, quality_plot)
+                                step_plot, launch_strip_plot, quality_plots)
 from bench.analysis.report.pipeline import BUBBLE_TOLERANCE, pipeline_bubble_rows
 from bench.analysis.report.scaling_fit import scaling_fit_plot, scaling_rows
 from bench.analysis.report.guard import Guard
@@ -217,7 +217,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
                                ("communication MiB/step", "comm_mib_per_step"), ("MFU %", "mfu_pct"))
           for group in sorted(set(df.group) - {"baseline"}) or ["baseline"]),
         *single("all-reduce busbw", busbw_plot),
-        *single("loss against tokens (quality axis): trailing mean, the source's floor and the target", quality_plot),
+        *several("quality plots", lambda rs: quality_plots(rs, technique_group)),
         *several("loss parity plots", loss_parity_plots),
         *several("scaling plots", scaling_plots),
         *single("time and peak memory against seq_len (log-log, fitted exponent b)", scaling_fit_plot),

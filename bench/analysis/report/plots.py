@@ -213,32 +213,40 @@ def pipeline_timeline_plots(records: list[dict[str, Any]]) -> list[tuple[str, st
     return out
 
 
-def quality_plot(records: list[dict[str, Any]]) -> str | None:
-    """Each training cell's loss curve (trailing mean, metrics.convergence) against
-    tokens, with the source's loss floor and the target: what a lossy technique
-    costs shows as the gap between its curve and the reference's."""
-    import seaborn as sns
+def quality_plots(records: list[dict[str, Any]], group_of) -> list[tuple[str, str | None]]:
+    """Per technique group (``group_of(record)``), each cell's loss curve (trailing
+    mean, metrics.convergence) against tokens beside its reference's (dashed),
+    with the source's loss floor and the target: a lossy technique's cost is
+    the gap between its curve and the reference's."""
+    from bench.analysis.convergence import quality_rows
 
-    rows, floors, targets = [], set(), set()
-    for r in _ok(records):
-        conv = r["metrics"].get("convergence")
-        if not conv or conv["tokens"] < 20 * conv["tokens_per_step"]:  # too short to read a curve from
-            continue
-        name = f"{r['adapter']} {cell_label(r['config'], always=('batch_size',))}"
-        rows += [{"tokens": (i + 1) * conv["tokens_per_step"], "loss": v, "cell": name}
-                 for i, v in enumerate(conv["curve"]) if v is not None]
-        floors.add(conv["loss_floor"])
-        targets.add(conv["target_loss"])
-    if not rows:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4))
-    sns.lineplot(data=pd.DataFrame(rows), x="tokens", y="loss", hue="cell", ax=ax)
-    for floor in floors - {None}:
-        ax.axhline(floor, color="black", linestyle=":", linewidth=1, label=f"loss floor {floor:.3f}")
-    for target in targets - {None}:
-        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
-    ax.set_ylabel("loss, nats/token (trailing mean)")
-    ax.legend(fontsize=7)
-    _legend_outside(ax)
-    return _png(fig)
+    by_id = {r["cell_id"]: r for r in _ok(records)}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in quality_rows(records):
+        conv = by_id[row["cell"]]["metrics"]["convergence"]
+        if not row["is_reference"] and conv["tokens"] >= 20 * conv["tokens_per_step"]:  # long enough to read
+            groups.setdefault(group_of(by_id[row["cell"]]), []).append(row)
+    out = []
+    for group, rows in sorted(groups.items()):
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(9, 4))
+        cells = [(row["cell"], "-") for row in rows]
+        cells += [(ref, "--") for ref in dict.fromkeys(row["reference"] for row in rows if row["reference"])]
+        for cell, style in cells:
+            r = by_id[cell]
+            conv = r["metrics"]["convergence"]
+            points = [((i + 1) * conv["tokens_per_step"], v) for i, v in enumerate(conv["curve"]) if v is not None]
+            name = cell_label(r["config"], drop=("world_size",), always=("batch_size",))
+            ax.plot(*zip(*points), linestyle=style, linewidth=1.4,
+                    label=f"{r['adapter']} {name}" + (" (reference)" if style == "--" else ""))
+        first = by_id[rows[0]["cell"]]["metrics"]["convergence"]
+        if first["loss_floor"] is not None:
+            ax.axhline(first["loss_floor"], color="black", linestyle=":", linewidth=1, label=f"loss floor {first['loss_floor']:.3f}")
+        if first["target_loss"] is not None:
+            ax.axhline(first["target_loss"], color="grey", linestyle="-.", linewidth=1, label=f"target {first['target_loss']:g}")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss, nats/token (trailing mean)")
+        ax.set_title(f"{group}: each cell against its reference (dashed)", fontsize=9)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
+        out.append((f"loss against tokens — {group}", _png(fig)))
+    return out
