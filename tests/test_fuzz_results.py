@@ -98,7 +98,6 @@ def corrupted_files(draw):
         elif kind == "huge":
             rec["reason"] = "x" * draw(st.integers(10**5, 2 * 10**6))
     lines = [json.dumps(r) for r in records]
-    junk = 0
     for _ in range(draw(st.integers(0, 2))):
         i = draw(st.integers(0, len(lines) - 1))
         how = draw(st.sampled_from(["truncate", "interleave", "garbage", "array"]))
