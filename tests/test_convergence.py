@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.analysis.convergence import convergence, quality_rows, trailing_mean
+from bench.analysis.convergence import quality_rows
+from bench.run.quality import convergence, trailing_mean
 from bench.config.suite import REFERENCE
 
 QUALITY = {"target_loss": 2.0, "window": 2, "reference": REFERENCE}

@@ -13,7 +13,7 @@ import pytest
 
 from bench.theory import loss_floor, predict
 from bench.config.knobs import Knobs
-from bench.workloads.source import STRIDES
+from bench.theory.convergence import STRIDES
 from bench.workloads.train import global_batch
 from impl.model_config import model_config
 

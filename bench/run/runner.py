@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.analysis.convergence import convergence
 from bench import adapters
 from bench.run.launchers.base import LaunchOutcome, Launcher
 from bench.run.launch_stats import merge_launches
+from bench.run.quality import convergence
 from bench.run.launchers.warm import WarmLocal
 from bench.run.schedule import interleaved
 from bench.run.stop import guard

@@ -21,6 +21,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+STRIDES = 8
+"""The default source's strides, 1..STRIDES, uniform: its definition, which
+bench.workloads.train.global_batch draws from."""
+
 
 def loss_floor(*, seq_len: int, vocab_size: int, strides: int) -> float:
     """Nats per predicted token no model can beat on the default source."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bench.theory.convergence import loss_floor
+from bench.theory.convergence import STRIDES, loss_floor
 from bench.theory.data_parallel import allreduce_bytes_sent, dp_comm_elements, onebit_comm_bytes, onebit_volume_reduction
 from bench.theory.memory import PRECISION_BYTES, activation_bytes_per_layer, activation_values_per_layer, model_state_bytes, optimizer_state_bytes
 from bench.theory.pipeline import bubble_fraction, pipeline_p2p_bytes
@@ -24,7 +24,6 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
     """The theory block of one record (None where a formula does not apply yet).
     ``warmup``/``steps`` (the run's) place the metered step, the last warm-up
     step, relative to 1-bit optimizers' ``freeze_step``."""
-    from bench.workloads.source import STRIDES
     from impl.model_config import PRESETS, param_shapes, total_params
 
     cfg = PRESETS[knobs.model]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.workloads.source import STRIDES
+from bench.theory.convergence import STRIDES
 from impl.model_config import ModelConfig
 
 LR = 1e-3
