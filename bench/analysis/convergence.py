@@ -1,24 +1,15 @@
-"""The quality axis in the report: each cell against its reference cell (the
-record's own figures, ``metrics.convergence``, are bench.run.quality's).
+"""The quality axis in the report: each cell against its reference cell. The
+record's own figures (``metrics.convergence``: loss curve, final loss, gap to
+the floor, steps-, tokens- and time-to-target) are defined and computed in
+bench.run.quality when the record is written.
 
-Every step trains on a batch no step saw before (bench.workloads.train draws
-batch s from (seed, s)), and its loss is taken before that step's update: the
-per-step loss is a held-out loss of the current weights (progressive
-validation: Blum, Kalai & Langford, COLT 1999). Its trailing mean over
-``window`` steps is the loss curve; no extra evaluation pass runs, so every
-adapter, parallel layout and pipeline schedule is measured the same way.
-
-- ``final_loss``: the curve's last value, at ``tokens`` = steps × global batch tokens;
-- ``gap_to_floor``: final_loss − theory.loss_floor (bench.theory.convergence);
-- ``steps_to_target``: the first step whose trailing mean is at or below the
-  suite's ``quality.target_loss``; ``tokens_to_target`` = steps × batch tokens;
-- ``time_to_target_s``: steps_to_target × the cell's median step time, with
-  the step-time CI across launches scaled alike (none for one launch; warm-up steps, untimed, count
-  at the median; MLPerf's time-to-train also counts the first steps).
 - ``gap_to_reference`` (``quality_rows``): final_loss − the reference cell's
   curve at the same token count (linear between its steps), the reference
   being the suite's ``quality.reference`` knob values, same model and seq_len
-  (``reference_for``).
+  (``reference_for``);
+- step time, peak memory, optimizer state and communication as cell ÷ reference,
+  the step time as a Hodges–Lehmann ratio of launch medians with its interval;
+- ``trade``: those in one sentence.
 """
 from __future__ import annotations
 

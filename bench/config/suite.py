@@ -39,7 +39,7 @@ REFERENCE = {"optimizer": "adamw", "precision": "fp32", "attention": "dense", "p
 
 
 class QualitySettings(BaseModel):
-    """The quality axis (bench.analysis.convergence, docs/convergence.md)."""
+    """The quality axis (bench.run.quality, bench.analysis.convergence, docs/convergence.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 

@@ -1,6 +1,23 @@
 """A training record's quality figures (``metrics.convergence``), computed when
-the record is written; docs/convergence.md and bench.analysis.convergence
-(the report's comparison with a reference cell) give the definitions."""
+the record is written (docs/convergence.md; the report's comparison with a
+reference cell is bench.analysis.convergence).
+
+Every step trains on a batch no step saw before (bench.workloads.train draws
+batch s from (seed, s)), and its loss is taken before that step's update: the
+per-step loss is a held-out loss of the current weights (progressive
+validation: Blum, Kalai & Langford, COLT 1999). Its trailing mean over
+``window`` steps is the loss curve; no extra evaluation pass runs, so every
+adapter, parallel layout and pipeline schedule is measured the same way.
+
+- ``final_loss``: the curve's last value, at ``tokens`` = steps × global batch tokens;
+- ``gap_to_floor``: final_loss − theory.loss_floor (bench.theory.convergence);
+- ``steps_to_target``: the first step whose trailing mean is at or below the
+  suite's ``quality.target_loss``; ``tokens_to_target`` = steps × batch tokens;
+- ``time_to_target_s``: steps_to_target × the cell's median step time, with the
+  step-time CI across launches scaled alike (none for one launch; untimed
+  warm-up steps count at the median; MLPerf's time-to-train also counts the
+  first steps).
+"""
 from __future__ import annotations
 
 from typing import Any

@@ -185,6 +185,11 @@ def _table(df: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, list[dic
     return df, df[columns].to_dict("records")
 
 
+def _distinct(records: list[dict[str, Any]], metric: str) -> list[str]:
+    """The different values of one metric across the records (for the page's footnotes)."""
+    return sorted({str(m[metric]) for r in records if (m := r.get("metrics") or {}).get(metric)})
+
+
 def write_report(results_file: Path, out_root: Path) -> Path:
     skipped: list[str] = []
     records = list(read_records(results_file, skipped))
@@ -242,10 +247,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
         suite=suite, run_id=run_id, env=records[0]["env"], skipped=skipped, table=table,
         columns=columns, failures=[r for r in records if r["status"] != "ok"], plots=plots,
         tolerances=THEORY_TOLERANCE, bubble_tolerance=BUBBLE_TOLERANCE,
-        sources=sorted({str((r["metrics"] or {}).get("peak_mem_source")) for r in records if r.get("metrics")
-                        and (r["metrics"] or {}).get("peak_mem_source")}),
-        peak_sources=sorted({str((r["metrics"] or {}).get("peak_flops_source")) for r in records if r.get("metrics")
-                             and (r["metrics"] or {}).get("peak_flops_source")}),
+        sources=_distinct(records, "peak_mem_source"), peak_sources=_distinct(records, "peak_flops_source"),
         **sections,
     )
     out_dir = out_root / suite / run_id

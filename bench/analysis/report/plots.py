@@ -218,28 +218,26 @@ def quality_plots(records: list[dict[str, Any]], group_of) -> list[tuple[str, st
     mean, metrics.convergence) against tokens beside its reference's (dashed),
     with the source's loss floor and the target: a lossy technique's cost is
     the gap between its curve and the reference's."""
-    from bench.analysis.convergence import quality_rows
+    from bench.analysis.convergence import reference_for
 
-    by_id = {r["cell_id"]: r for r in _ok(records)}
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in quality_rows(records):
-        conv = by_id[row["cell"]]["metrics"]["convergence"]
-        if not row["is_reference"] and conv["tokens"] >= 20 * conv["tokens_per_step"]:  # long enough to read
-            groups.setdefault(group_of(by_id[row["cell"]]), []).append(row)
+    groups: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
+    for r in _ok(records):
+        conv = r["metrics"].get("convergence")
+        ref = reference_for(r, records) if conv else None
+        if conv and ref is not r and conv["tokens"] >= 20 * conv["tokens_per_step"]:  # long enough to read
+            groups.setdefault(group_of(r), []).append((r, ref))
     out = []
-    for group, rows in sorted(groups.items()):
+    for group, pairs in sorted(groups.items()):
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(9, 4))
-        cells = [(row["cell"], "-") for row in rows]
-        cells += [(ref, "--") for ref in dict.fromkeys(row["reference"] for row in rows if row["reference"])]
-        for cell, style in cells:
-            r = by_id[cell]
+        refs = {ref["cell_id"]: ref for _, ref in pairs if ref is not None}
+        for r, style in [*((r, "-") for r, _ in pairs), *((ref, "--") for ref in refs.values())]:
             conv = r["metrics"]["convergence"]
             points = [((i + 1) * conv["tokens_per_step"], v) for i, v in enumerate(conv["curve"]) if v is not None]
             name = cell_label(r["config"], drop=("world_size",), always=("batch_size",))
             ax.plot(*zip(*points), linestyle=style, linewidth=1.4,
                     label=f"{r['adapter']} {name}" + (" (reference)" if style == "--" else ""))
-        first = by_id[rows[0]["cell"]]["metrics"]["convergence"]
+        first = pairs[0][0]["metrics"]["convergence"]
         if first["loss_floor"] is not None:
             ax.axhline(first["loss_floor"], color="black", linestyle=":", linewidth=1, label=f"loss floor {first['loss_floor']:.3f}")
         if first["target_loss"] is not None:
