@@ -35,6 +35,8 @@ ACT_BYTES = B * T * CFG.dim * 4  # one fp32 (B, T, D) activation
 def test_tensor_parallel_matches_unsharded_model(nproc):
     out = torchrun("check_tensor_parallel.py", nproc)
     assert f"OK linears+ce tp={nproc}" in out
+    for sp in (False, True):  # one more layer adds the paper's 8bsh(t−1)/t (Narayanan et al. 2021 §3)
+        assert f"OK layer increment tp={nproc} sp={sp}" in out, out
     layouts = [f"tp={nproc} dp=1"] + (["tp=2 dp=2"] if nproc == 4 else [])
     for layout in layouts:
         for sp in (False, True):

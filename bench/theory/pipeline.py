@@ -5,6 +5,10 @@ Pure Python, no torch. Ψ = parameters, N_d = data-parallel ranks, K = optimizer
 """
 from __future__ import annotations
 
+PIPELINE_SOURCE = ("Narayanan et al. 2021 (arXiv 2104.04473) §3: consecutive pipeline stages exchange bsh values per "
+                   "micro-batch in each direction (GPipe, Huang et al. 2019; 1F1B and interleaved, §2.2: a rank "
+                   "holding v stages sends across each of its stage boundaries)")
+
 
 def bubble_fraction(pp: int, microbatches: int, schedule: str, virtual_stages: int = 1) -> float | None:
     """Idle fraction of ideal time: (p−1)/m for GPipe and 1F1B; (p−1)/(v·m) interleaved

@@ -9,15 +9,16 @@ import math
 from typing import Any
 
 from bench.theory.convergence import STRIDES, loss_floor
-from bench.theory.data_parallel import allreduce_bytes_sent, dp_comm_elements, onebit_comm_bytes, onebit_volume_reduction
+from bench.theory.cost import Cost
+from bench.theory.data_parallel import allreduce_cost, dp_comm_cost, onebit_comm_bytes, onebit_comm_cost, onebit_volume_reduction
 from bench.theory.memory import PRECISION_BYTES, activation_bytes_per_layer, activation_values_per_layer, model_state_bytes, optimizer_state_bytes
-from bench.theory.pipeline import bubble_fraction, pipeline_p2p_bytes
-from bench.theory.ring import ring_sp_comm_bytes
-from bench.theory.tensor_parallel import pp_tp_comm_by_rank, tp_comm_bytes, tp_local_params, tp_param_shapes
-from bench.theory.tensor_parallel_nd import tp2d_comm_bytes, tp2d_param_shapes, tp3d_comm_bytes, tp3d_local_params, tp3d_param_shapes
+from bench.theory.pipeline import PIPELINE_SOURCE, bubble_fraction, pipeline_p2p_bytes
+from bench.theory.ring import ring_sp_comm_cost
+from bench.theory.tensor_parallel import pp_tp_cost_by_rank, tp_comm_cost, tp_local_params, tp_param_shapes
+from bench.theory.tensor_parallel_nd import tp2d_comm_cost, tp2d_param_shapes, tp3d_comm_cost, tp3d_local_params, tp3d_param_shapes
 
 
-THEORY_VERSION = "zero-sc20+korthikanti22+pipedream+optimizer-state+onebit+megatron-tp+pp-p2p-v3+ring-sp+tp3d+tp2d+pp-tp"
+THEORY_VERSION = "zero-sc20+korthikanti22+pipedream+optimizer-state+onebit+megatron-tp+pp-p2p-v3+ring-sp+tp3d+tp2d+pp-tp+paper-terms"
 
 
 def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) -> dict[str, Any]:
@@ -40,37 +41,38 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
     tp_2d = knobs.tp > 1 and knobs.pp == 1 and knobs.tp_mode in ("2d", "2.5d")
     depth_2d = knobs.tp_depth if knobs.tp_mode == "2.5d" else 1
     elem = PRECISION_BYTES[knobs.precision]
-    comm = None
+    cost: Cost | None = None
     if knobs.workload == "allreduce":
-        comm = allreduce_bytes_sent(knobs.message_bytes, knobs.world_size, knobs.allreduce)
+        cost = allreduce_cost(knobs.message_bytes, knobs.world_size, knobs.allreduce)
     elif pure_dp and knobs.zero == 0 and knobs.allreduce != "backend":
-        comm = allreduce_bytes_sent(psi * elem, knobs.dp, knobs.allreduce)
+        cost = allreduce_cost(psi * elem, knobs.dp, knobs.allreduce)
     elif pure_dp and knobs.optimizer.startswith("onebit") and knobs.zero == 0 and warmup is not None:
-        comm = onebit_comm_bytes(psi, knobs.dp, compressed=warmup > knobs.freeze_step)
+        cost = onebit_comm_cost(psi, knobs.dp, compressed=warmup > knobs.freeze_step)
     elif pure_dp:
-        comm = dp_comm_elements(psi, zero=knobs.zero, dp=knobs.dp, microbatches=knobs.microbatches) * elem
+        cost = dp_comm_cost(psi, zero=knobs.zero, dp=knobs.dp, microbatches=knobs.microbatches, bytes_per_value=elem)
     elif knobs.pp > 1 and knobs.tp == 1 and knobs.dp == 1 and knobs.pp_schedule in ("gpipe", "1f1b", "interleaved",
                                                                                     "pipedream"):
-        comm = max(_pipeline_comm_by_rank(knobs, cfg, elem, warmup))
+        cost = Cost(PIPELINE_SOURCE, max(_pipeline_comm_by_rank(knobs, cfg, elem, warmup)))
     elif (knobs.pp > 1 and (knobs.tp > 1 or knobs.dp > 1) and knobs.tp_mode == "1d" and knobs.zero == 0
           and knobs.pp_schedule in ("gpipe", "1f1b", "interleaved")):
-        comm = max(pp_tp_comm_by_rank(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, tp=knobs.tp,
+        cost = max(pp_tp_cost_by_rank(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, tp=knobs.tp,
                                       pp=knobs.pp, microbatches=knobs.microbatches, dp=knobs.dp,
                                       virtual_stages=knobs.virtual_stages if knobs.pp_schedule == "interleaved" else 1,
                                       sequence_parallel=knobs.sequence_parallel == "megatron",
-                                      bytes_per_value=elem))
+                                      bytes_per_value=elem), key=lambda c: c.total)
     elif ring and knobs.zero == 0:
-        comm = ring_sp_comm_bytes(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, ring=knobs.cp, tp=knobs.tp,
-                                  dp=knobs.dp, bytes_per_value=elem)
+        cost = ring_sp_comm_cost(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, ring=knobs.cp, tp=knobs.tp,
+                                 dp=knobs.dp, bytes_per_value=elem)
     elif tp_1d and knobs.zero == 0:
-        comm = tp_comm_bytes(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, tp=knobs.tp, dp=knobs.dp,
-                             sequence_parallel=knobs.sequence_parallel == "megatron", bytes_per_value=elem)
+        cost = tp_comm_cost(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, tp=knobs.tp, dp=knobs.dp,
+                            sequence_parallel=knobs.sequence_parallel == "megatron", bytes_per_value=elem)
     elif tp_3d and knobs.zero == 0:
-        comm = tp3d_comm_bytes(cfg, b=knobs.batch_size, s=knobs.seq_len, tp=knobs.tp,
-                               microbatches=knobs.microbatches, bytes_per_value=elem)
+        cost = tp3d_comm_cost(cfg, b=knobs.batch_size, s=knobs.seq_len, tp=knobs.tp,
+                              microbatches=knobs.microbatches, bytes_per_value=elem)
     elif tp_2d and knobs.zero == 0:
-        comm = tp2d_comm_bytes(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, tp=knobs.tp, depth=depth_2d,
-                               dp=knobs.dp, microbatches=knobs.microbatches, bytes_per_value=elem)
+        cost = tp2d_comm_cost(cfg, b=knobs.batch_size // knobs.dp, s=knobs.seq_len, tp=knobs.tp, depth=depth_2d,
+                              dp=knobs.dp, microbatches=knobs.microbatches, bytes_per_value=elem)
+    comm = cost.total if cost is not None else None
     try:
         opt_bytes = optimizer_state_bytes(param_shapes(cfg), knobs.optimizer, dp=knobs.dp)
         state = model_state_bytes(psi, zero=knobs.zero, dp=knobs.dp, precision=knobs.precision,
@@ -105,6 +107,7 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
             state = None
     elif state is not None and not (pure_dp or ring):
         state = None  # PP sharding formulas arrive with pipeline parallelism
+    state_cost = _model_state_cost(knobs, state, cfg) if state is not None else None
     micro_b = knobs.batch_size // (knobs.dp * knobs.microbatches)
     act = cfg.n_layers * activation_bytes_per_layer(
         s=knobs.seq_len // knobs.cp, b=micro_b, h=cfg.dim, a=cfg.n_heads, tp=knobs.tp,
@@ -121,13 +124,36 @@ def predict(knobs: Any, *, warmup: int | None = None, steps: int | None = None) 
         "version": THEORY_VERSION,
         "params": psi,
         "comm_bytes_per_step": comm,
+        "comm_cost": cost.record() if cost is not None else None,
         "model_state_bytes": state,
+        "model_state_cost": state_cost.record() if state_cost is not None else None,
         "bubble_fraction": bubble_fraction(knobs.pp, knobs.microbatches, knobs.pp_schedule, knobs.virtual_stages),
         "activation_bytes": act,
         "activation_bytes_model": (_model_activation_bytes(knobs, cfg, micro_b)
                                    if pure_dp or (ring and knobs.tp == 1) else None),
         "loss_floor": loss_floor(seq_len=knobs.seq_len, vocab_size=cfg.vocab_size, strides=STRIDES),
     }
+
+
+MODEL_STATE_SOURCE = ("Rajbhandari et al. 2020 (ZeRO) §5, Fig. 1: per rank (2 + 2 + K)Ψ with mixed precision "
+                      "(K = 12 for Adam, fp32 master inside K), optimizer states ÷N_d at stage 1, gradients too at "
+                      "stage 2, parameters too at stage 3; Ψ is the rank's shard under tensor parallelism")
+OFFLOAD_MASTER_TERM = ("fp32 training with optimizer offload keeps a host fp32 master copy of the shard, 4Ψ/N_d (a CPU "
+                       "optimizer cannot update device parameters in place; ZeRO-Offload's mixed-precision "
+                       "accounting already holds it in K)")
+
+
+def _model_state_cost(knobs: Any, state: dict[str, float], cfg: Any) -> Cost:
+    """The model-state prediction split: ZeRO's accounting and, named, the host
+    master copy an fp32 cell adds under offload (``model_state_bytes``)."""
+    total = sum(state.values())
+    master = 0.0
+    if knobs.offload != "none" and knobs.precision == "fp32":
+        from impl.model_config import total_params
+
+        psi = tp_local_params(cfg, knobs.tp) if knobs.tp > 1 and knobs.tp_mode == "1d" else total_params(cfg)
+        master = 4 * psi / (knobs.dp if knobs.zero >= 1 else 1)
+    return Cost(MODEL_STATE_SOURCE, total - master).plus(OFFLOAD_MASTER_TERM, master)
 
 
 def _pipeline_comm_by_rank(knobs: Any, cfg: Any, elem: int, warmup: int | None) -> list[float]:

@@ -8,6 +8,35 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bench.theory.cost import Cost, allreduce_bus_factor
+
+TP2D_SOURCE = ("Xu et al. 2021 (Optimus, arXiv 2104.05343) §3: SUMMA on a q×q grid. Per linear Y = XW (n tokens, "
+               "W I×O) the forward broadcasts X blocks along rows and W blocks along columns; the backward computes "
+               "∂X = ∂Y·Wᵀ (broadcast W, reduce ∂X) and ∂W = Xᵀ·∂Y (broadcast X, reduce ∂W) (the authors' "
+               "Matmul_AB/ABT/ATB_2D): 3(q−1)/q²·(nI + IO) values per rank, the weight part once per micro-batch")
+TP25D_SOURCE = ("Wang et al. 2021 (Tesseract, arXiv 2105.14500) §3: d SUMMA grids of q×q, each on n/d tokens, "
+                "the weights replicated over depth and their gradients all-reduced over it: per linear "
+                "3(q−1)/q²·(nI/d + IO) + 2(d−1)/d·IO/q² values per rank (Optimus's SUMMA per depth layer)")
+TP3D_SOURCE = ("Bian et al. 2021 (3D TP, arXiv 2105.14450) §3, Alg. 1–2: per linear the forward all-gathers X "
+               "and W and reduce-scatters Y, the backward all-gathers ∂Y and reduce-scatters ∂X and ∂W, each over "
+               "q ranks of a 1/q² block: 2(q−1)/q³·(nI + nO + IO) values per rank, the weight part once per "
+               "micro-batch")
+
+
+def summa_linear_bytes(*, n: float, i: int, o: int, q: int, microbatches: int = 1, bytes_per_value: int = 4) -> float:
+    """One linear (I → O) on n tokens of a q×q SUMMA grid, bus bytes per rank and step
+    (``TP2D_SOURCE``): 3(q−1)/q²·(n·I + m·I·O)·e."""
+    return 3 * (q - 1) / q**2 * (n * i + microbatches * i * o) * bytes_per_value
+
+
+def cube_linear_bytes(*, n: float, i: int, o: int, q: int, microbatches: int = 1, bytes_per_value: int = 4) -> float:
+    """One linear (I → O) on n tokens of a q×q×q cube, bus bytes per rank and step
+    (``TP3D_SOURCE``): 2(q−1)/q³·(n·I + n·O + m·I·O)·e."""
+    return 2 * (q - 1) / q**3 * (n * i + n * o + microbatches * i * o) * bytes_per_value
+
+
+TP_ND_LOSS_TERM = "vocab-parallel cross-entropy (Megatron's): 3 fp32 all-reduces of the rank's tokens over q ranks"
+
 
 def tp2d_param_shapes(cfg: Any, tp: int, *, depth: int = 1) -> dict[str, tuple[int, ...]]:
     """Each parameter's shape on one rank of a d × q × q grid (``impl.tensor_parallel_2d``,
@@ -20,8 +49,8 @@ def tp2d_param_shapes(cfg: Any, tp: int, *, depth: int = 1) -> dict[str, tuple[i
     return {name: tuple(d // q for d in shape) for name, shape in param_shapes(cfg).items()}
 
 
-def tp2d_comm_bytes(cfg: Any, *, b: int, s: int, tp: int, depth: int = 1, dp: int = 1, microbatches: int = 1,
-                    bytes_per_value: int = 4) -> float:
+def tp2d_comm_cost(cfg: Any, *, b: int, s: int, tp: int, depth: int = 1, dp: int = 1, microbatches: int = 1,
+                   bytes_per_value: int = 4) -> Cost:
     """Bus bytes per rank and step of 2D (SUMMA, Xu et al. arXiv 2104.05343) or
     2.5D (Tesseract, arXiv 2105.14500) TP as ``impl.tensor_parallel_2d`` runs it:
     b sequences of s tokens per data-parallel replica, n = b·s/d tokens on each
@@ -44,19 +73,35 @@ def tp2d_comm_bytes(cfg: Any, *, b: int, s: int, tp: int, depth: int = 1, dp: in
     shapes = tp2d_param_shapes(cfg, tp, depth=depth)
     q, m, e = math.isqrt(tp // depth), microbatches, bytes_per_value
     n, h, n_norms = b * s / depth, cfg.dim, 2 * cfg.n_layers + 1
-    f = (q - 1) / q
+    f, ar = (q - 1) / q, allreduce_bus_factor
 
-    def ar(g: int) -> float:  # all-reduce bus factor over g ranks
-        return 2 * (g - 1) / g
+    def summa(o: int, i: int) -> float:  # one linear, weight (O, I)
+        return summa_linear_bytes(n=n, i=i, o=o, q=q, microbatches=m, bytes_per_value=e)
 
+    full = param_shapes(cfg)
+    blocks = [v for k, v in full.items() if k.startswith("layers.") and len(v) == 2]
+    block_weights = sum(o * i for o, i in blocks) / q**2
     psi_rank = sum(math.prod(v) for v in shapes.values())
-    linears = sum(3 * f * e * (n / q * shape[1] + m * shape[0] * shape[1] / q)  # shape = (O, I)
-                  for name, shape in param_shapes(cfg).items() if len(shape) == 2 and name != "tok_embeddings.weight")
-    embedding = 2 * f * e * n * h / q
-    norms = n_norms * 2 * ar(q) * 4 * n / q + ar(q) * e * n_norms * h / q
-    loss = 3 * ar(q) * 4 * n / q + m * ar(q) * 4 + (m * ar(depth) * 4 if depth > 1 else 0.0)
-    grads = (ar(depth) if depth > 1 else 0.0) * e * psi_rank + (ar(dp) if dp > 1 else 0.0) * e * psi_rank
-    return linears + embedding + norms + loss + grads
+    depth_grads = ar(depth) * e * block_weights if depth > 1 else 0.0
+    cost = Cost(TP25D_SOURCE if depth > 1 else TP2D_SOURCE, sum(summa(o, i) for o, i in blocks) + depth_grads)
+    return (cost
+            .plus("the head: one more SUMMA linear (D → V), outside the per-layer count", summa(*full["output.weight"]))
+            .plus("embedding: reduce-scatter of (n, D/q) forward, all-gather backward, 2(q−1)/q·n·D/q",
+                  2 * f * e * n * h / q)
+            .plus("RMSNorm (the papers' LayerNorm has two statistics): Σx² of n/q tokens all-reduced over the row, "
+                  "forward and backward, 2L+1 norms", n_norms * 2 * ar(q) * 4 * n / q)
+            .plus("norm weights: gradients summed over the column", ar(q) * e * n_norms * h / q)
+            .plus(TP_ND_LOSS_TERM + ", and the mean over rows (and depth layers) of one value per micro-batch",
+                  3 * ar(q) * 4 * n / q + m * ar(q) * 4 + (m * ar(depth) * 4 if depth > 1 else 0.0))
+            .plus("embedding, head and norm gradients all-reduced over depth",
+                  ar(depth) * e * (psi_rank - block_weights) if depth > 1 else 0.0)
+            .plus("data-parallel gradient all-reduce of the rank's shard, 2Ψ_rank(N_d−1)/N_d (ZeRO §7.1)",
+                  ar(dp) * e * psi_rank if dp > 1 else 0.0))
+
+
+def tp2d_comm_bytes(cfg: Any, **kw: Any) -> float:
+    """``tp2d_comm_cost``'s total."""
+    return tp2d_comm_cost(cfg, **kw).total
 
 
 def _cube_side(tp: int) -> int:
@@ -81,8 +126,8 @@ def tp3d_local_params(cfg: Any, tp: int) -> int:
     return sum(s[0] * (s[1] if len(s) == 2 else 1) for s in tp3d_param_shapes(cfg, tp).values())
 
 
-def tp3d_comm_bytes(cfg: Any, *, b: int, s: int, tp: int, microbatches: int = 1,
-                    bytes_per_value: int = 4) -> float:
+def tp3d_comm_cost(cfg: Any, *, b: int, s: int, tp: int, microbatches: int = 1,
+                   bytes_per_value: int = 4) -> Cost:
     """Bus bytes per rank and step of 3D TP (``impl.tensor_parallel_3d``, whose
     docstring derives it), b sequences of s tokens, N = b·s, cube side q, and
     c = 2(q−1)/q³ for a forward + backward pair of all-gather / reduce-scatter:
@@ -99,20 +144,30 @@ def tp3d_comm_bytes(cfg: Any, *, b: int, s: int, tp: int, microbatches: int = 1,
     """
     from impl.model_config import param_shapes
 
-    q = _cube_side(tp)
-    n, h, n_norms = b * s, cfg.dim, 2 * cfg.n_layers + 1
-    acts, weights = 2 * cfg.n_layers * n * h, 0
-    for name, shape in param_shapes(cfg).items():
-        if len(shape) == 1:
-            continue
-        o, i = shape
-        weights += o * i
-        if name == "tok_embeddings.weight":
-            acts += n * h
-        else:
-            acts += n * o + (n * i if name.endswith(("wo.weight", "w2.weight", "output.weight")) else 0)
-    ar = 2 * (q - 1) / q  # all-reduce bus factor over q ranks
-    sum_sq = n_norms * 2 * ar * n / q**2 * 4
-    loss = 3 * ar * n / q**2 * 4
-    norm_grads = 2 * (q * q - 1) / (q * q) * n_norms * h / q * bytes_per_value
-    return 2 * (q - 1) / q**3 * (acts + microbatches * weights) * bytes_per_value + sum_sq + loss + norm_grads
+    q, m, e = _cube_side(tp), microbatches, bytes_per_value
+    n, h, L, n_norms = b * s, cfg.dim, cfg.n_layers, 2 * cfg.n_layers + 1
+    c = 2 * (q - 1) / q**3 * e
+
+    def cube(o: int, i: int) -> float:  # one linear, weight (O, I)
+        return cube_linear_bytes(n=n, i=i, o=o, q=q, microbatches=m, bytes_per_value=e)
+
+    full = param_shapes(cfg)
+    blocks = [v for k, v in full.items() if k.startswith("layers.") and len(v) == 2]
+    v_size = full["output.weight"][0]
+    ar = allreduce_bus_factor(q)
+    return (Cost(TP3D_SOURCE, sum(cube(o, i) for o, i in blocks))
+            .plus("wq/wk/wv and w1/w3 gather their common input once per sub-layer: 3 fewer N·D gathers per block",
+                  -c * 3 * L * n * h)
+            .plus("the head: one more 3D linear (D → V), outside the per-layer count", cube(v_size, h))
+            .plus("embedding: the 3D matmul of one-hot ids, which every rank holds (no input gather)",
+                  c * (n * h + m * v_size * h))
+            .plus("RMSNorm (the paper's LayerNorm has two statistics): Σx² all-reduced over q ranks forward and "
+                  "backward, N/q² fp32 values, 2L+1 norms", n_norms * 2 * ar * n / q**2 * 4)
+            .plus(TP_ND_LOSS_TERM, 3 * ar * n / q**2 * 4)
+            .plus("norm-weight gradients all-reduced over the q² ranks of a plane",
+                  allreduce_bus_factor(q * q) * n_norms * h / q * bytes_per_value))
+
+
+def tp3d_comm_bytes(cfg: Any, **kw: Any) -> float:
+    """``tp3d_comm_cost``'s total."""
+    return tp3d_comm_cost(cfg, **kw).total

@@ -23,7 +23,7 @@ from tests.reference import reference_run
 
 from bench.meters.activations import activation_values_per_layer, saved_activation_bytes
 from bench.meters.comm import CommMeter
-from bench.theory import ring_sp_comm_bytes
+from bench.theory import ring_attention_layer_bytes, ring_sp_comm_bytes
 from bench.workloads.train import LR, global_batch, local_batch, torch_optimizer
 from impl.data_parallel import apply_data_parallel
 from impl.model import build_model, lm_loss, model_config
@@ -47,8 +47,17 @@ def check_core(group) -> float:
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     (want * weight).sum().backward()
     mine = [t.detach().chunk(r, dim=2)[i].clone().requires_grad_(True) for t in (q, k, v)]
-    got = ring_attention(*mine, group=group)
-    (got * weight.chunk(r, dim=2)[i]).sum().backward()
+    with CommMeter() as fwd:
+        got = ring_attention(*mine, group=group)
+    with CommMeter() as bwd:
+        (got * weight.chunk(r, dim=2)[i]).sum().backward()
+    # Li et al.'s count (bench.theory.RING_SOURCE): the forward exactly; the backward
+    # sends the ∂K/∂V accumulators around the ring instead of all-reducing full-length
+    # ∂K and ∂V, 2(N−1)C fewer bytes than the paper's 6(N−1)C (C = one K or V chunk).
+    paper_fwd, paper_bwd = ring_attention_layer_bytes(b=2, s=8 * r, heads=4, head_dim=16, ring=r)
+    chunk = 2 * 8 * 4 * 16 * 4
+    assert fwd.bus_bytes == paper_fwd, (fwd.bus_bytes, paper_fwd, fwd.summary())
+    assert bwd.bus_bytes == paper_bwd - 2 * (r - 1) * chunk, (bwd.bus_bytes, paper_bwd, bwd.summary())
     errs = [rel(got, want.chunk(r, dim=2)[i].detach())]
     errs += [rel(m.grad, full.grad.chunk(r, dim=2)[i]) for m, full in zip(mine, (q, k, v))]
     assert max(errs) < 1e-5, errs

@@ -8,6 +8,8 @@ parallelism) equals the unsharded reference.
    sequence parallel: loss and every gradient shard against the single-process
    model (‖Δ‖/‖ref‖ < 1e-5), the collectives Megatron's layout predicts, and the
    parameters after 3 AdamW steps.
+4. One more layer adds exactly the paper's per-layer traffic, 8bsh(t−1)/t
+   (Narayanan et al. 2021 §3), with and without sequence parallel.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tests.dist._exit import finish
 from tests.reference import reference_run
 
 from bench.meters.comm import CommMeter
+from bench.theory import megatron_layer_bytes
 from bench.workloads.train import LR, global_batch, local_batch, torch_optimizer
 from impl.data_parallel import apply_data_parallel
 from impl.model import build_model, lm_loss, model_config
@@ -148,6 +151,31 @@ def check_comm(cfg, comm: dict, dims: ParallelDims, sp: bool) -> None:
         assert tp_ar_bytes == n_act * act + ce, comm
 
 
+def check_layer_increment(cfg, dims: ParallelDims, sp: bool) -> float:
+    """One more transformer layer adds exactly the paper's per-layer traffic
+    (Narayanan et al. 2021 §3: 8bsh(t−1)/t; ``megatron_layer_bytes``) — measured
+    as the difference between an L- and an (L+1)-layer model, so the embedding,
+    head and loss, which the paper's count leaves out, cancel. Under sequence
+    parallelism the layer's two norm weights add their gradient all-reduce."""
+    from dataclasses import replace
+
+    measured = []
+    for layers in (cfg.n_layers, cfg.n_layers + 1):
+        model = build_model(replace(cfg, n_layers=layers), seed=5)
+        tp = apply_tensor_parallel(model, group=dist.group.WORLD, sequence_parallel=sp)
+        batch = global_batch(cfg, batch_size=B, seq_len=T, seed=2, step=0)
+        with CommMeter() as meter:
+            tp.loss(model(batch.inputs), batch.targets).backward()
+            tp.sync_sequence_parallel_grads()
+        measured.append(meter.bus_bytes)
+    t = dims.tp
+    paper = megatron_layer_bytes(b=B, s=T, h=cfg.dim, tp=t)
+    norms = 2 * cfg.dim * 4 * 2 * (t - 1) / t if sp else 0.0
+    delta = measured[1] - measured[0]
+    assert abs(delta - paper - norms) < 1e-6 * paper, (delta, paper, norms)
+    return delta / (paper + norms)
+
+
 def _dp_bytes(cfg, dims: ParallelDims) -> int:
     from bench.theory import tp_local_params
 
@@ -166,6 +194,10 @@ def main() -> None:
     layouts = [ParallelDims(world_size=world, tp=world)]
     if world == 4:
         layouts.append(ParallelDims(world_size=4, tp=2, dp=2))
+    for sp in (False, True):
+        ratio = check_layer_increment(cfg, layouts[0], sp)
+        if rank == 0:
+            print(f"OK layer increment tp={world} sp={sp} measured/paper={ratio:.9f}")
     for dims in layouts:
         for sp in (False, True):
             loss_err, grad_err, param_err = check_model(cfg, dims, sp)

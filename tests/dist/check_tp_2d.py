@@ -2,7 +2,8 @@
 equal the unsharded reference.
 
 1. One SUMMA linear on a 2 × 2 grid against nn.Linear: output, input and
-   weight gradients (gathered back to full shape).
+   weight gradients (gathered back to full shape), and its metered bytes
+   against the paper's per-linear cost (Xu et al., ``summa_linear_bytes``).
 2. The whole decoder — 4 ranks: 2D 2 × 2; 8 ranks: 2.5D 2 × 2 × 2 and 2D 2 × 2
    inside dp = 2 replicas — against the single-process model on the same seed
    and batch: loss at every step, every gradient gathered back to full shape
@@ -20,7 +21,7 @@ from tests.dist._exit import finish
 from tests.reference import reference_run
 
 from bench.meters.comm import CommMeter
-from bench.theory import tp2d_comm_bytes
+from bench.theory import summa_linear_bytes, tp2d_comm_bytes
 from bench.workloads.train import LR, global_batch, local_batch, torch_optimizer
 from impl.data_parallel import apply_data_parallel
 from impl.model import build_model, model_config
@@ -46,9 +47,13 @@ def check_linear(grid) -> float:
     q, i, j = grid.q, grid.i, grid.j
     xi = x.detach().chunk(q, 0)[i].chunk(q, -1)[j].clone().requires_grad_(True)
     w = block_of(lin.weight, LINEAR, grid).requires_grad_(True)
-    y = summa_linear(xi, w, grid)
-    # Each block's squares: the sum over the grid is the reference loss.
-    y.pow(2).sum().backward()
+    with CommMeter() as meter:
+        y = summa_linear(xi, w, grid)
+        # Each block's squares: the sum over the grid is the reference loss.
+        y.pow(2).sum().backward()
+    # Xu et al.'s SUMMA cost for one linear (bench.theory.TP2D_SOURCE), not the implementation's count.
+    paper = summa_linear_bytes(n=4 * 3, i=8, o=12, q=q)
+    assert abs(meter.bus_bytes / paper - 1) < 1e-9, (meter.bus_bytes, paper, meter.summary())
     assert_close(y, want.detach().chunk(q, 0)[i].chunk(q, -1)[j], rtol=1e-5, atol=1e-6)
     assert_close(xi.grad, x.grad.chunk(q, 0)[i].chunk(q, -1)[j], rtol=1e-5, atol=1e-6)
     assert_close(w.grad, block_of(lin.weight.grad, LINEAR, grid), rtol=1e-5, atol=1e-6)

@@ -2,7 +2,9 @@
 unsharded reference.
 
 1. Two ``Linear3D`` in a row (A → B → A) sliced from reference nn.Linears:
-   outputs, input gradient and weight gradients (gathered back to full shape).
+   outputs, input gradient and weight gradients (gathered back to full shape),
+   and the pair's metered bytes against the paper's per-linear cost (Bian et
+   al., ``cube_linear_bytes``).
 2. The whole decoder through the adapter's train step (``build_tp3d``, AdamW,
    2 micro-batches): the step-0 loss and every gradient, gathered back to full
    shape, against the single-process model (‖Δ‖/‖ref‖ < 1e-5); the metered
@@ -22,7 +24,7 @@ from tests.reference import reference_run
 from bench.adapters.inhouse.tp3d import build_tp3d
 from bench.config.knobs import Knobs
 from bench.meters.comm import CommMeter
-from bench.theory import tp3d_comm_bytes, tp3d_local_params
+from bench.theory import cube_linear_bytes, tp3d_comm_bytes, tp3d_local_params
 from bench.workloads.train import LR, global_batch
 from impl.model import build_model, model_config
 from impl.parallel_dims import ParallelDims
@@ -66,8 +68,13 @@ def check_linears(cube) -> float:
     ib = _block_index(8, 12, a=k, c=j, cube=cube)  # B → A weight block [k, j]
     la = Linear3D(a.weight.detach()[ia].clone(), cube=cube, layout_in="A")
     lb = Linear3D(b.weight.detach()[ib].clone(), cube=cube, layout_in="B")
-    y = lb(la(xa))
-    y.pow(2).sum().backward()
+    with CommMeter() as meter:
+        y = lb(la(xa))
+        y.pow(2).sum().backward()
+    # Bian et al.'s per-linear cost (bench.theory.TP3D_SOURCE), not the implementation's count.
+    n = x.shape[0] * x.shape[1]
+    paper = cube_linear_bytes(n=n, i=8, o=12, q=q) + cube_linear_bytes(n=n, i=12, o=8, q=q)
+    assert abs(meter.bus_bytes / paper - 1) < 1e-9, (meter.bus_bytes, paper, meter.summary())
     assert y.shape == (2, 3, 8 // q)
     assert_close(y, cube.block(want.detach(), j).chunk(q, dim=-1)[k], rtol=1e-5, atol=1e-6)
     assert_close(xa.grad, cube.block(x.grad, j).chunk(q, dim=-1)[k], rtol=1e-5, atol=1e-6)

@@ -122,18 +122,35 @@ def support_matrix(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def theory_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """measured ÷ theory per cell and quantity. Communication rows also carry the
+    prediction's source (the paper, section and formula), the measured bytes ÷
+    the paper's term alone, and the named terms where the implementation differs
+    (``bench.theory.cost``)."""
     rows = []
     for r in records:
+        theory = r.get("theory") or {}
         for key, ratio in (r.get("theory_ratio") or {}).items():
             if ratio is None:
                 continue
             tol = THEORY_TOLERANCE.get(key)
             notes = r.get("notes") or {}
             why = notes.get("comm_vs_theory") if key.startswith("comm") else notes.get("model_state_vs_theory")
+            cost = theory.get("comm_cost") if key.startswith("comm") else theory.get("model_state_cost")
             rows.append({"cell": r["cell_id"], "adapter": r["adapter"], "quantity": key, "ratio": ratio,
                          "tolerance": tol, "out_of_tolerance": tol is not None and abs(ratio - 1) > tol,
-                         "explained": why or ""})
+                         "explained": why or "", **_cost_columns(cost, r.get("metrics") or {}, key)})
     return rows
+
+
+def _cost_columns(cost: dict | None, metrics: dict[str, Any], key: str) -> dict[str, Any]:
+    """The source and named terms of a prediction split by ``bench.theory.cost.Cost``."""
+    if not isinstance(cost, dict) or not isinstance(cost.get("source"), str):
+        return {"source": "", "terms": [], "vs_paper": None}
+    measured = metrics.get("comm_bytes_per_step") if key.startswith("comm") else None
+    paper = cost.get("paper_bytes")
+    terms = [(name, v) for name, v in (cost.get("terms") or {}).items() if isinstance(v, (int, float))]
+    return {"source": cost["source"], "terms": terms,
+            "vs_paper": measured / paper if isinstance(measured, (int, float)) and paper else None}
 
 
 def optimizer_state_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
