@@ -11,6 +11,7 @@ _REGISTRY: dict[str, str] = {
     "torch": "bench.adapters.torch.adapter:TorchAdapter",
     "deepspeed": "bench.adapters.deepspeed.adapter:DeepSpeedAdapter",
     "colossalai": "bench.adapters.colossalai.adapter:ColossalAIAdapter",
+    "megatron": "bench.adapters.megatron.adapter:MegatronAdapter",
 }
 _cache: dict[str, Adapter] = {}
 

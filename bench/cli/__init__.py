@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-type", help="GPU name for the peak table when no profile is given (default H100 SXM)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default bf16 on cuda, fp32 on cpu")
     p.add_argument("--optimizer", default="adamw")
-    p.add_argument("--adapter", choices=["inhouse", "torch", "deepspeed", "colossalai"],
+    p.add_argument("--adapter", choices=["inhouse", "torch", "deepspeed", "colossalai", "megatron"],
                    help="only plans this adapter runs (default: any adapter)")
     p.add_argument("--profile", help="machine profile JSON (bench calibrate); default: see README")
     p.add_argument("--max-microbatches", type=int, default=32)

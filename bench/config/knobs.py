@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from impl.model_config import PRESETS
 from impl.parallel_dims import ParallelDims
 
-Adapter = Literal["inhouse", "torch", "deepspeed", "colossalai"]
+Adapter = Literal["inhouse", "torch", "deepspeed", "colossalai", "megatron"]
 PipelineSchedule = Literal["gpipe", "1f1b", "interleaved", "pipedream", "zbv", "zb1p", "dualpipev"]
 Optimizer = Literal["adamw", "sgd", "adafactor", "adam8bit", "onebit_adam", "onebit_lamb", "lamb", "lars"]
 Attention = Literal[

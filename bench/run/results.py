@@ -261,7 +261,7 @@ def resolve_results(target: str | Path) -> list[Path]:
 def environment(repo: Path | None = None) -> dict[str, Any]:
     """Machine and library facts stored beside every record."""
     versions = {"python": platform.python_version()}
-    for pkg in ("torch", "deepspeed", "colossalai", "transformers", "bitsandbytes"):
+    for pkg in ("torch", "deepspeed", "colossalai", "megatron-core", "transformers", "bitsandbytes"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -1,0 +1,1 @@
+"""Megatron-Core 0.16.1 adapter (imported on demand by bench.adapters)."""
