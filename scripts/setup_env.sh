@@ -18,6 +18,9 @@ pip install -r requirements/base.txt -r requirements/frameworks.txt
 # Colossal-AI 0.5.0 pins torch<=2.5.1: install it without its dependencies
 # (the modules it imports are in requirements/frameworks.txt).
 pip install --no-deps colossalai==0.5.0
+# Megatron-Core 0.16.1 (the newest for Python 3.11) needs only torch, numpy and packaging:
+# without --no-deps pip could resolve a torch of its choosing.
+pip install --no-deps megatron-core==0.16.1
 pip install --no-deps --no-build-isolation -e .
 # Headless Chromium for the browser test of the HTML report (tests/test_report_browser.py).
 if command -v chromium >/dev/null 2>&1; then

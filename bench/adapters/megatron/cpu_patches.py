@@ -84,6 +84,31 @@ def _factories() -> None:
         importlib.import_module(module).torch = proxy
 
 
+def _type_names() -> None:
+    """While the distributed optimizer is built, a CPU tensor's ``type()`` names its
+    CUDA twin ('torch.FloatTensor' → 'torch.cuda.FloatTensor'): the constructor
+    sorts parameters into fp32/fp16 groups by those strings."""
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    init, type_of = DistributedOptimizer.__init__, torch.Tensor.type
+
+    def cuda_name(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return type_of(self).replace("torch.", "torch.cuda.", 1)
+        return type_of(self, dtype, non_blocking, **kwargs)
+
+    @functools.wraps(init)
+    def cpu_init(self, *args, **kwargs):
+        torch.Tensor.type = cuda_name
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = type_of
+
+    DistributedOptimizer.__init__ = cpu_init
+
+
 def _synchronize() -> None:
     import torch
 
@@ -102,6 +127,8 @@ PATCHES: tuple[Patch, ...] = (
           "clipping, grad scaler, DDP buffers, pipeline schedules and utils (found-inf flags, loss scale, token counts, "
           "the grad-norm's local multi-tensor L2) "
           "→ the same tensors on CPU (those modules see a torch proxy; no other code is affected)", _factories),
+    Patch("type_names", "Tensor.type() == 'torch.cuda.FloatTensor' checks in DistributedOptimizer's constructor "
+          "→ CPU tensors report their CUDA type name, during that constructor only", _type_names),
     Patch("synchronize", "torch.cuda.synchronize() (pipeline p2p, timers) → no-op: CPU ops are synchronous",
           _synchronize),
 )

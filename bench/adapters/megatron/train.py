@@ -67,8 +67,13 @@ def build_step(knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.d
         "optimizer": [f"{type(o).__module__}.{type(o).__name__}" for o in opts],
         "rank_order": RANK_ORDER, "model_chunks": len(chunks),
         "recompute": config.recompute_granularity,
+        "bucket_padding": {"padded": sum(b.numel - b.numel_unpadded for c in chunks for b in c.buffers),
+                           "params": sum(b.numel_unpadded for c in chunks for b in c.buffers)},
     }
     notes["framework_config"] = describe(knobs, settings(knobs))
+    why = _comm_differences(chunks, dims, knobs)
+    if why:
+        notes["comm_vs_theory"] = why
 
     def state() -> dict[str, list[torch.Tensor]]:
         return {"params": [p for c in chunks for p in c.parameters()],
@@ -77,6 +82,29 @@ def build_step(knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.d
                               for v in s.values() if isinstance(v, torch.Tensor)]}
 
     return TrainStep(step, modules=chunks, optimizers=[o.optimizer for o in opts], notes=notes, state=state)
+
+
+def _comm_differences(chunks: list[Any], dims: ParallelDims, knobs: Knobs) -> str:
+    """What Megatron sends beyond the papers' volumes, by name and size."""
+    parts = []
+    padded = sum(b.numel - b.numel_unpadded for c in chunks for b in c.buffers)
+    if padded and dims.dp > 1:
+        total = sum(b.numel_unpadded for c in chunks for b in c.buffers)
+        parts.append(f"DDP bucket padding (with the distributed optimizer each parameter starts at a multiple of 64 "
+                     f"values and each bucket ends at a multiple of lcm(dp, 128)): {padded} elements on {total} "
+                     f"(+{padded / total:.3%}) in every gradient reduce-scatter and parameter all-gather")
+    if knobs.sequence_parallel == "megatron":
+        parts.append("sequence parallel: the backward of each column-parallel linear (qkv, fc1, the output layer) "
+                     "all-gathers its sequence-sharded input again instead of keeping the gathered copy "
+                     "(Megatron's LinearWithGradAccumulationAndAsyncCommunication), (2L+1) all-gathers of (b, s, h) "
+                     "more than the paper's count")
+    groups = [g for g, n in (("model-parallel (tp × pp)", dims.tp * dims.pp),
+                             ("data-parallel, the distributed optimizer's shards", dims.dp if knobs.zero == 1 else 1))
+              if n > 1]
+    if groups:
+        parts.append(f"the optimizer's gradient-norm all-reduce over the {' and '.join(groups)} group (one fp32 value "
+                     f"per step, computed even with clipping off)")
+    return "; ".join(parts)
 
 
 def _forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
@@ -89,4 +117,4 @@ def _forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
 def _loss(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The micro-batch's mean token loss (Megatron divides by the micro-batch count)."""
     loss = output_tensor.float().mean()
-    return loss, {"lm loss": loss.detach()}
+    return loss, {"lm loss": loss.detach().clone()}  # Megatron divides `loss` in place by the micro-batch count
