@@ -26,7 +26,7 @@ MALFORMED = [
     ("name: x\ndefaults: {world_size: two}\n", "world_size = 'two'"),
     ("name: x\ndefaults: {world_size: 0}\n", "world_size = 0: Input should be greater than or equal to 1"),
     ("name: x\ndefaults: {batch_size: -8}\n", "batch_size = -8"),
-    ("name: x\ndefaults: {adapter: megatron}\n", "adapter = 'megatron'"),
+    ("name: x\ndefaults: {adapter: nemo}\n", "adapter = 'nemo'"),
     ("name: x\ndefaults: {model: gpt5}\n", "unknown model preset 'gpt5'"),
     ("name: x\ndefaults: {world_size: 4, tp: 2, tp_mode: 2d}\n", "tp_mode = '2d' needs tp to be a square"),
     ("name: x\ndefaults: {world_size: 2, batch_size: 3}\n", "batch_size = 3 is not divisible by dp*microbatches = 2"),

@@ -36,9 +36,7 @@ from typing import Any
 import torch
 
 from bench.adapters.base import ALL_DEVICES, Adapter, Capabilities, TrainStep
-from bench.config.framework_config import Setting
 from bench.config.knobs import Knobs
-from bench.workloads.train import BETAS, EPS, WEIGHT_DECAY, learning_rate
 from impl.model import Decoder
 from impl.parallel_dims import ParallelDims
 
@@ -48,20 +46,6 @@ _NO_TE = ("context parallelism in Megatron-Core needs Transformer Engine's atten
 _FSDP = ("Megatron-Core shards gradients and parameters only in Megatron-FSDP "
          "(use_megatron_fsdp), which this adapter does not map; zero 1 is the distributed optimizer")
 _MIXED = "wired for CUDA (Float16Module + Megatron's mixed-precision optimizer); not run on CPU"
-RANK_ORDER = "tp-cp-ep-pp-dp"
-
-
-def settings(knobs: Knobs) -> list[Setting]:
-    """The Megatron settings a cell uses that differ from Megatron's defaults, with reasons."""
-    return [
-        Setting("parallel_state.order", RANK_ORDER, "tp-cp-ep-dp-pp",
-                "the harness hands each rank the batch of its dp coordinate in ParallelDims' order (tp fastest, "
-                "then pp, then dp), so Megatron's groups must be the same"),
-        Setting("optimizer.config_overrides", "{} (weight decay on every parameter)",
-                "no weight decay on biases and 1-D parameters",
-                "every adapter trains AdamW with decay on all parameters, so losses compare like for like"),
-        Setting("optimizer.clip_grad", 0.0, 1.0, "no adapter clips gradients (the reference does not)"),
-    ]
 
 
 class MegatronAdapter(Adapter):
@@ -130,17 +114,3 @@ class MegatronAdapter(Adapter):
         from bench.adapters.megatron.train import build_step
 
         return build_step(knobs, model, dims, device, notes)
-
-
-def optimizer_config(knobs: Knobs) -> Any:
-    from megatron.core.optimizer import OptimizerConfig
-
-    return OptimizerConfig(
-        optimizer="adam", lr=learning_rate(), weight_decay=WEIGHT_DECAY, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
-        adam_eps=EPS, decoupled_weight_decay=True, clip_grad=0.0, use_distributed_optimizer=knobs.zero == 1,
-        bf16=knobs.precision == "bf16", fp16=knobs.precision == "fp16", params_dtype=_dtype(knobs))
-
-
-def _dtype(knobs: Knobs) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[knobs.precision]
-

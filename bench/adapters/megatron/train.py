@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from bench.adapters.base import TrainStep
-from bench.adapters.megatron.adapter import RANK_ORDER, _dtype, optimizer_config, settings
+from bench.adapters.megatron.config import RANK_ORDER, dtype, optimizer_config, settings
 from bench.adapters.megatron.model import build_chunks, copy_weights, transformer_config
 from bench.config.framework_config import describe
 from bench.config.knobs import Knobs
@@ -23,7 +23,7 @@ def build_step(knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.d
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    config = transformer_config(knobs, model.cfg, _dtype(knobs))
+    config = transformer_config(knobs, model.cfg, dtype(knobs))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
         virtual_pipeline_model_parallel_size=config.virtual_pipeline_model_parallel_size, order=RANK_ORDER)
