@@ -21,6 +21,7 @@ timeout_s: 240
 defaults: {model: tiny, world_size: 2, batch_size: 8, seq_len: 32, adapter: megatron}
 include:
   - {microbatches: 2}
+  - {optimizer: sgd}
   - {zero: 1}
   - {checkpointing: full}
   - {tp: 2}
@@ -39,11 +40,12 @@ include:
 def _key(r: dict) -> tuple:
     c = r["config"]
     return (c["model"], c["dp"], c["tp"], c["pp"], c["cp"], c["microbatches"], c["zero"], c["sequence_parallel"],
-            c["pp_schedule"] if c["pp"] > 1 else "-", c["checkpointing"], c["precision"])
+            c["pp_schedule"] if c["pp"] > 1 else "-", c["checkpointing"], c["precision"], c["optimizer"])
 
 
-def k(model="tiny", dp=2, tp=1, pp=1, cp=1, m=1, zero=0, sp="none", schedule="-", ckpt="none", precision="fp32"):
-    return model, dp, tp, pp, cp, m, zero, sp, schedule, ckpt, precision
+def k(model="tiny", dp=2, tp=1, pp=1, cp=1, m=1, zero=0, sp="none", schedule="-", ckpt="none", precision="fp32",
+      optimizer="adamw"):
+    return model, dp, tp, pp, cp, m, zero, sp, schedule, ckpt, precision, optimizer
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def recs(tmp_path_factory):
     return {_key(r): r for r in run_suite(tmp_path_factory, SUITE)}
 
 
-RUNS = [k(), k(m=2), k(zero=1), k(ckpt="full"), k(dp=1, tp=2), k(dp=1, tp=2, sp="megatron"),
+RUNS = [k(), k(m=2), k(optimizer="sgd"), k(zero=1), k(ckpt="full"), k(dp=1, tp=2), k(dp=1, tp=2, sp="megatron"),
         k(dp=1, tp=2, ckpt="selective"), k(dp=1, pp=2, m=4, schedule="1f1b")]
 
 
@@ -59,7 +61,7 @@ RUNS = [k(), k(m=2), k(zero=1), k(ckpt="full"), k(dp=1, tp=2), k(dp=1, tp=2, sp=
 def test_trains_to_the_reference_losses(recs, key):
     r = recs[key]
     assert r["status"] == "ok", (r["reason"], r.get("stderr_tail"))
-    ref = reference_losses(batch_size=8, seq_len=32, seed=0, steps=6)
+    ref = reference_losses(batch_size=8, seq_len=32, seed=0, steps=6, optimizer=key[-1])
     assert len(r["metrics"]["losses"]) == 6
     for a, b in zip(r["metrics"]["losses"], ref):
         assert abs(a - b) <= 1e-5 * b, (key, r["metrics"]["losses"], ref)
@@ -133,3 +135,14 @@ def test_refused_before_launch_with_the_reason(recs, key, words):
     r = recs[key]
     assert r["status"] == "unsupported" and words in r["reason"], r["reason"]
     assert r["timing"] == {}
+
+
+def test_every_technique_runs_or_has_a_reason() -> None:
+    """The support-matrix row (`bench list`): no gap without its reason."""
+    from bench import adapters
+    from bench.config.techniques import TECHNIQUES
+
+    caps = adapters.get("megatron").capabilities
+    for t in TECHNIQUES:
+        why = caps.support(t.name, "cpu")
+        assert why is None or "not implemented by this adapter" not in why, (t.name, why)

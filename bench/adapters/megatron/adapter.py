@@ -55,7 +55,7 @@ class MegatronAdapter(Adapter):
     capabilities = Capabilities(
         runs={
             **{t: ALL_DEVICES for t in (
-                "data_parallel", "grad_accumulation", "optimizer_adamw", "device_cuda", "tensor_parallel_1d",
+                "data_parallel", "grad_accumulation", "optimizer_adamw", "optimizer_sgd", "device_cuda", "tensor_parallel_1d",
                 "sequence_parallel_megatron", "pipeline_1f1b", "pipeline_interleaved", "zero1",
                 "checkpointing_full", "checkpointing_selective", "checkpointing_every_k")},
             "precision_bf16": CUDA_ONLY,
@@ -75,6 +75,19 @@ class MegatronAdapter(Adapter):
             "tensor_parallel_2d": "Megatron has 1D tensor parallelism only",
             "tensor_parallel_2.5d": "Megatron has 1D tensor parallelism only",
             "tensor_parallel_3d": "Megatron has 1D tensor parallelism only",
+            **{f"optimizer_{o}": "Megatron-Core's optimizer factory builds Adam(W) and SGD (and Muon) only"
+               for o in ("adafactor", "adam8bit", "onebit_adam", "onebit_lamb", "lamb", "lars")},
+            "fusion_fused": "Megatron's fused kernels (Adam, RMSNorm, RoPE, softmax) come from apex or Transformer "
+                            "Engine, neither installed; the cells run the unfused local spec",
+            "fusion_compile": "Megatron-Core does not torch.compile its modules; not mapped",
+            **{f"allreduce_{a}": "the hand-written all-reduce algorithms replace the backend collective in the "
+                                 "in-house adapter only; Megatron's DDP calls the backend's all-reduce"
+               for a in ("ring", "tree", "ps", "ps_sharded")},
+            **{f"attention_{a}": "Megatron-Core's local DotProductAttention has only dense causal/padding masks; "
+                                 "sparse patterns are not faked"
+               for a in ("sliding_window", "dilated", "global", "random", "block_local", "longformer", "bigbird")},
+            "strategy_auto": "the planner plans in-house cells only",
+            "strategy_fsdp1": "PyTorch FSDP1 is a torch/colossalai strategy; Megatron's own is Megatron-FSDP (not mapped)",
         },
     )
 

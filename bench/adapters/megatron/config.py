@@ -8,7 +8,7 @@ import torch
 
 from bench.config.framework_config import Setting
 from bench.config.knobs import Knobs
-from bench.workloads.train import BETAS, EPS, WEIGHT_DECAY, learning_rate
+from bench.workloads.train import BETAS, EPS, SGD_MOMENTUM, WEIGHT_DECAY, learning_rate
 
 RANK_ORDER = "tp-cp-ep-pp-dp"
 
@@ -29,8 +29,10 @@ def settings(knobs: Knobs) -> list[Setting]:
 def optimizer_config(knobs: Knobs) -> Any:
     from megatron.core.optimizer import OptimizerConfig
 
+    sgd = knobs.optimizer == "sgd"  # the harness's SGD: momentum 0.9, no weight decay
     return OptimizerConfig(
-        optimizer="adam", lr=learning_rate(), weight_decay=WEIGHT_DECAY, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
+        optimizer="sgd" if sgd else "adam", lr=learning_rate(), weight_decay=0.0 if sgd else WEIGHT_DECAY,
+        sgd_momentum=SGD_MOMENTUM, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
         adam_eps=EPS, decoupled_weight_decay=True, clip_grad=0.0, use_distributed_optimizer=knobs.zero == 1,
         bf16=knobs.precision == "bf16", fp16=knobs.precision == "fp16", params_dtype=dtype(knobs))
 
