@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.trainbench-installed
 SUITE ?= suites/smoke.yaml
 
-.PHONY: setup bench test clean
+.PHONY: setup bench test clean wheelhouse gpu-check gpu-check-dry
 
 setup: $(STAMP)
 
@@ -19,6 +19,16 @@ bench: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The offline GPU machine's wheels (.whl/, < 56 MiB) and the prepared device check (docs/gpu.md).
+wheelhouse: setup
+	PY=$(BIN)/python bash scripts/build_wheelhouse.sh
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+gpu-check-dry: setup
+	DEVICE=cpu bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

@@ -140,11 +140,19 @@ ALGORITHMS: dict[str, Callable[[torch.Tensor, object], None]] = {
 }
 
 
+def backend_device(group=None) -> torch.device:
+    """Where the group's collectives take tensors: NCCL the current CUDA device, gloo the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def validate_algorithm(name: str, group=None, numel: int = 1003) -> None:
     """Check an algorithm against the backend on a random tensor before timing it
-    (llm.c style). Raises AssertionError on a mismatch."""
+    (llm.c style), on the backend's device (NCCL rejects CPU tensors). Raises
+    AssertionError on a mismatch."""
     g = torch.Generator().manual_seed(dist.get_rank(group) + 1)
-    x = torch.randn(numel, generator=g, dtype=torch.float64)
+    x = torch.randn(numel, generator=g, dtype=torch.float64).to(backend_device(group))
     want = x.clone()
     dist.all_reduce(want, group=group)
     got = x.clone()

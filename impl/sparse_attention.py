@@ -157,9 +157,25 @@ def flex_block_mask(pattern: SparsePattern, seq_len: int, device: torch.device |
                                     seq_lengths=(seq_len, seq_len))
 
 
+def flex_kernel_options(block: int, device_type: str) -> dict[str, int] | None:
+    """Triton tile sizes that divide the mask's block. flex_attention's CUDA
+    kernels require every BlockMask block to be a multiple of their tiles, and on
+    Hopper with bf16 and head dim 64 the default tiles are 128×128, so a 64-token
+    block raised "Q and KV block size must be divisible by BLOCK_M and BLOCK_N".
+    Blocks that are multiples of 128 keep the defaults; CPU has no tiles."""
+    if device_type != "cuda" or block % 128 == 0:
+        return None
+    tile = block & -block  # the largest power of two dividing the block
+    if tile < 16:
+        raise ValueError(f"flex_attention tiles are at least 16 tokens; block {block} has no such divisor")
+    tile = min(tile, 64)
+    return {name: tile for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+
+
 def flex_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
     """Compiled flex_attention with the block mask (compiled once per process;
-    recompiles per block size / causality, not per layout)."""
+    recompiles per block size / causality, not per layout), with tiles that
+    divide the block (``flex_kernel_options``)."""
     global _compiled_flex
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         raise NotImplementedError(
@@ -169,7 +185,8 @@ def flex_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
         from torch.nn.attention.flex_attention import flex_attention
 
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
+    options = flex_kernel_options(block_mask.BLOCK_SIZE[0], q.device.type)
+    return _compiled_flex(q, k, v, block_mask=block_mask, kernel_options=options)
 
 
 # ---------------------------------------------------------------- the model's core

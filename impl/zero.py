@@ -73,6 +73,7 @@ class _Unit:
             master = self.shard if param_dtype == torch.float32 else self.shard.float()
         self.master = nn.Parameter(master)
         self.grad_shard: torch.Tensor | None = None
+        self.host_ready: torch.cuda.Event | None = None  # offload on CUDA: the last D2H copy's event
         # Stage 1 keeps full gradients: as views of one flat buffer, so the
         # reduce-scatter reads them in place and the reduced shard is written
         # back into the owned region (no extra persistent copy).
@@ -142,9 +143,23 @@ class _Unit:
             self.rs_out = own
         g = self.rs_out  # kept in the parameter dtype (2 bytes/param for 16-bit), upcast at step
         if g.device != self.master.device:
-            g = g.to(self.master.device, non_blocking=True)  # gradient offload, D2H
-        self.grad_shard = g if self.grad_shard is None else self.grad_shard.add_(g)
+            g = g.to(self.master.device, non_blocking=True)  # gradient offload, D2H into pinned memory
+            self.host_ready = torch.cuda.Event() if g.is_pinned() and torch.cuda.is_available() else None
+            if self.host_ready is not None:
+                self.host_ready.record()  # the host reads g only after this copy: wait_host()
+        if self.grad_shard is not None:
+            self.wait_host()
+            self.grad_shard.add_(g)
+        else:
+            self.grad_shard = g
         self.rs_out = None
+
+    def wait_host(self) -> None:
+        """Block the host until the last asynchronous D2H gradient copy has landed
+        (the stream also orders the previous step's H2D parameter copy before it)."""
+        if self.host_ready is not None:
+            self.host_ready.synchronize()
+            self.host_ready = None
 
 
 class ZeroDataParallel:
@@ -261,6 +276,7 @@ class ZeroDataParallel:
     def step(self) -> bool:
         """One update of the owned shards; False when fp16 overflow skipped it."""
         for unit in self.units:
+            unit.wait_host()  # offload: the host-side update reads the D2H-copied gradients
             g = unit.grad_shard if unit.grad_shard is not None else torch.zeros_like(unit.master)
             unit.master.grad = g.to(unit.master.dtype)
         if self.scaler is not None:

@@ -80,6 +80,8 @@ def test_mixed_precision_tracks_fp32(recs):
         assert _close(_losses(rec), fp32) < 0.01, precision
         assert rec["theory_ratio"]["comm_bytes_per_step"] == pytest.approx(1, abs=0.01)  # 16-bit gradient traffic
         assert rec["theory_ratio"]["model_state_total"] == pytest.approx(1, abs=0.01)  # 2 + 2 + 12 bytes/param
+        # fp16 records count the updates skipped on overflow (none at 2^16 here); bf16 has no loss scaling
+        assert rec["metrics"]["skipped_steps"] == (0 if precision == "fp16" else None), precision
 
 
 def test_onebit_compresses_momentum_32x(recs):

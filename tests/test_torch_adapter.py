@@ -51,6 +51,31 @@ def test_mixed_precision_cells_ran(recs):
     # 16-bit loss checks that need learning: tests/test_precision_learning.py
     for key in ((3, "none", "bf16", "none"), (0, "none", "fp16", "none")):
         assert recs[key]["status"] == "ok", recs[key]["reason"]
+    assert recs[(0, "none", "fp16", "none")]["metrics"]["skipped_steps"] == 0  # GradScaler's, recorded
+
+
+def test_grad_scaler_step_counts_skipped_updates():
+    """A scale that overflows fp16 gradients: GradScaler skips the update, and the count says so."""
+    import torch
+
+    from bench.adapters.torch.adapter import _ScaledStep
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = _ScaledStep(opt, torch.amp.GradScaler("cpu", init_scale=2.0**100))
+    x = torch.full((2, 4), 1e30)  # weight gradients x·2^100: inf in fp32
+    before = model.weight.detach().clone()
+    step.scale(model(x).sum()).backward()
+    step.step()
+    assert step.skipped == 1 and torch.equal(model.weight, before)
+    step.zero_grad()
+    step.scale(model(x).sum()).backward()  # the scale backed off to 2^99: still inf
+    step.step()
+    assert step.skipped == 2
+    step.zero_grad()
+    step.scale(model(torch.ones(2, 4)).sum()).backward()  # finite: the update is applied
+    step.step()
+    assert step.skipped == 2 and not torch.equal(model.weight, before)
 
 
 def test_fsdp2_comm_equals_zero_theory(recs):

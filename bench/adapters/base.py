@@ -69,7 +69,10 @@ class TrainStep:
     ``modules`` and ``optimizers`` let the harness count model-state bytes;
     an adapter whose state lives elsewhere (flat shards, offloaded copies)
     passes ``state``, returning the tensors per category instead.
-    ``notes`` carries adapter facts the record must show (e.g. model type)."""
+    ``notes`` carries adapter facts the record must show (e.g. model type).
+    ``skipped_steps`` (fp16 dynamic loss scaling) counts the updates skipped on
+    overflow so far: the record shows them, since a skipped step is timed and
+    its loss logged like any other."""
 
     def __init__(
         self,
@@ -79,10 +82,12 @@ class TrainStep:
         optimizers: list[Any],
         notes: dict[str, Any] | None = None,
         state: Callable[[], dict[str, list[Any]]] | None = None,
+        skipped_steps: Callable[[], int] | None = None,
     ) -> None:
         self.fn, self.modules, self.optimizers = fn, modules, optimizers
         self.notes = dict(notes or {})
         self._state = state
+        self.skipped_steps = skipped_steps
 
     def state_tensors(self) -> dict[str, list[Any]]:
         """Tensors of parameters, gradients and optimizer state on this rank."""

@@ -155,7 +155,9 @@ class Runner:
         knobs = cell.knobs
         # A launcher whose ranks run elsewhere (SLURM) cannot judge the device from here.
         here = not getattr(self.launcher, "remote", False)
-        reason = adapters.why_not(knobs) or (here and _device_missing(knobs.device)) or self._fit(knobs)
+        reason = (adapters.why_not(knobs)
+                  or (here and _device_missing(knobs.device, self.launcher.ranks_on_this_host(knobs.world_size)))
+                  or self._fit(knobs))
         return self._record(cell, status="unsupported", reason=reason) if reason else None
 
     def launch_dir(self, cell: Cell, k: int) -> Path:
@@ -277,12 +279,21 @@ class Runner:
         }
 
 
-def _device_missing(device: str) -> str | None:
+def _device_missing(device: str, ranks_here: int | None) -> str | None:
+    """No CUDA device, or fewer visible devices than the ranks this host runs
+    (each rank takes its own GPU: NCCL refuses two ranks on one device, and
+    ``set_device`` beyond the count fails with "invalid device ordinal")."""
     if device != "cuda":
         return None
     import torch
 
-    return None if torch.cuda.is_available() else "device = 'cuda' but no CUDA device is visible on this host"
+    if not torch.cuda.is_available():
+        return "device = 'cuda' but no CUDA device is visible on this host"
+    visible = torch.cuda.device_count()
+    if ranks_here and ranks_here > visible:
+        return (f"{ranks_here} ranks on this host but {visible} visible CUDA device(s): each rank needs its own GPU "
+                f"(world_size / nodes ≤ the devices of a node)")
+    return None
 
 
 def _tail(path: Path, limit: int = 4000) -> str:

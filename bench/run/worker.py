@@ -172,6 +172,7 @@ def run(payload: dict[str, Any], rank: int) -> dict[str, Any]:
             "memory": mem,
             "peak_rss_bytes": peak_rss_bytes(),
             "model_state_bytes": state,
+            "skipped_steps": step_fn.skipped_steps() if getattr(step_fn, "skipped_steps", None) else None,
             "phases": phases,
         }
         if device.type == "cuda":
@@ -225,6 +226,7 @@ def _build_training(knobs, dims, device, seed: int, rank: int, world: int):
         return train_step(batches.pop(step, None) or batch_for(step))
 
     step_fn.prepare = lambda step: batches.__setitem__(step, batch_for(step))  # type: ignore[attr-defined]
+    step_fn.skipped_steps = train_step.skipped_steps  # type: ignore[attr-defined]
     return step_fn, train_step.notes, train_step.state_tensors
 
 
@@ -334,6 +336,8 @@ def _combine(ranks: list[dict[str, Any]], knobs, payload, notes, device) -> dict
             "comm_definition": "bus bytes (nccl-tests factors), logical, one metered warm-up step; time = completion of each collective run synchronously",
             "losses": losses,
             "losses_timed_from": payload["warmup"],
+            # fp16: updates skipped on overflow (warm-up and timed steps), max over ranks; None without loss scaling
+            "skipped_steps": _max(r.get("skipped_steps") for r in ranks),
         },
     }
 

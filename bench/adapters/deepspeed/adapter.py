@@ -132,7 +132,8 @@ class DeepSpeedAdapter(Adapter):
         fn = (deepspeed_pipeline.pipeline_step_fn(engine, knobs.microbatches, state, window) if dims.pp > 1
               else _step_fn(engine, knobs.microbatches, state, window))
         return TrainStep(fn, modules=[engine.module], optimizers=[_inner_optimizer(engine)], notes=notes,
-                         state=state.tensors)
+                         state=state.tensors,
+                         skipped_steps=(lambda: engine.skipped_steps) if knobs.precision == "fp16" else None)
 
 
 def deepspeed_config(knobs: Knobs, psi: int, largest_param_numel: int = 0,

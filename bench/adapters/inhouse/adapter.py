@@ -139,7 +139,8 @@ class InhouseAdapter(Adapter):
             step = accumulating_step(model, zero, microbatches=knobs.microbatches, no_sync=zero.no_sync,
                                      scale_loss=zero.scale)
             notes["zero_units"] = len(zero.units)
-            return TrainStep(step, modules=[model], optimizers=[optimizer], notes=notes, state=zero.state_tensors)
+            return TrainStep(step, modules=[model], optimizers=[optimizer], notes=notes, state=zero.state_tensors,
+                             skipped_steps=(lambda: zero.skipped_steps) if scaler else None)
 
         names = [n for n, _ in model.named_parameters()]
         onebit = knobs.optimizer.startswith("onebit")
@@ -173,7 +174,8 @@ class InhouseAdapter(Adapter):
             scale_loss=getattr(optimizer, "scale", None),
         )
         return TrainStep(step, modules=[model], optimizers=[getattr(optimizer, "inner", optimizer)], notes=notes,
-                         state=lambda: _state(model, optimizer))
+                         state=lambda: _state(model, optimizer),
+                         skipped_steps=(lambda: optimizer.skipped_steps) if knobs.precision == "fp16" else None)
 
 
 def _unnamed(params):

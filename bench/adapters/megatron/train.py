@@ -81,7 +81,8 @@ def build_step(knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.d
                 "optimizer": [v for o in opts for s in o.optimizer.state.values()
                               for v in s.values() if isinstance(v, torch.Tensor)]}
 
-    return TrainStep(step, modules=chunks, optimizers=[o.optimizer for o in opts], notes=notes, state=state)
+    return TrainStep(step, modules=chunks, optimizers=[o.optimizer for o in opts], notes=notes, state=state,
+                     skipped_steps=(lambda: step.skipped) if config.fp16 else None)
 
 
 def _comm_differences(chunks: list[Any], dims: ParallelDims, knobs: Knobs) -> str:

@@ -178,8 +178,10 @@ class TorchAdapter(Adapter):
         else:
             step = accumulating_step(forward, update, microbatches=knobs.microbatches, no_sync=no_sync)
         notes["framework_config"] = describe(knobs, settings_for(knobs))
+        scaled = stepper if isinstance(stepper, _ScaledStep) else None
         return TrainStep(step, modules=[model], optimizers=[optimizer], notes=notes,
-                         state=_zero1_state(model, optimizer) if knobs.zero == 1 else None)
+                         state=_zero1_state(model, optimizer) if knobs.zero == 1 else None,
+                         skipped_steps=(lambda: scaled.skipped) if scaled else None)
 
 
 def ddp_kwargs(knobs: Knobs) -> dict[str, Any]:
@@ -266,6 +268,7 @@ class _ScaledStep:
 
     def __init__(self, optimizer, scaler) -> None:
         self.optimizer, self.scaler = optimizer, scaler
+        self.skipped = 0
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
@@ -274,8 +277,11 @@ class _ScaledStep:
         return self.scaler.scale(loss)
 
     def step(self) -> None:
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # GradScaler skips the update exactly when it found inf/NaN, and then backs the scale off.
+        self.skipped += self.scaler.get_scale() < scale
 
 
 def _autocast_step(forward, optimizer, autocast, microbatches: int, no_sync):

@@ -53,6 +53,8 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "peak_rss_mib": (m["peak_rss_bytes"] / 2**20) if m and m.get("peak_rss_bytes") else None,
             "comm_mib_per_step": (m["comm_bytes_per_step"] / 2**20) if m else None,
             "final_loss": next((l for l in reversed(m.get("losses") or []) if l is not None), None) if m else None,
+            # fp16: updates skipped on overflow (timed like any step); blank without loss scaling
+            "skipped_steps": m.get("skipped_steps") if m else None,
             "fixed_cost_s": (r.get("timing") or {}).get("fixed_cost_s"),
             "group": technique_group(r),
         })
@@ -215,7 +217,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
     suite, run_id = records[0]["suite"], records[0]["run_id"]
     g = Guard(skipped)
     columns = ["cell", "label", "status", "step_time_ms", "launches", "step_time_ci_ms", "launch_cv_pct", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
-               "comm_mib_per_step", "final_loss", "fixed_cost_s"]
+               "comm_mib_per_step", "final_loss", "skipped_steps", "fixed_cost_s"]
     records, built = g.usable("results table", lambda rs: _table(frame(rs), columns), records)
     if not records:
         raise ValueError(f"{results_file} holds no record the report can read ({len(skipped)} skipped)")
