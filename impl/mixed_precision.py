@@ -185,8 +185,10 @@ class MasterWeightOptimizer:
             m.grad = None if p.grad is None else p.grad.to(torch.float32)
             if m.grad is not None:
                 master_grads.append(m.grad)
-        found_inf = self.scaler.unscale_and_check(master_grads, self.group)
-        self.scaler.update(found_inf)
+        # bf16 needs no loss scale and skips nothing: no inf check, so no host sync per step
+        found_inf = self.scaler.enabled and self.scaler.unscale_and_check(master_grads, self.group)
+        if self.scaler.enabled:
+            self.scaler.update(found_inf)
         if found_inf:
             self.skipped_steps += 1
             self.zero_grad()

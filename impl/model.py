@@ -43,8 +43,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dense causal attention core; q, k, v: (B, nh, T, hs)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    """Dense causal attention core; q (B, nh, T, hs), k and v (B, nkv, T, hs) with
+    nkv dividing nh: SDPA's grouped-query path reads each K/V head for its nh/nkv
+    query heads without materialising repeated copies."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class Attention(nn.Module):
@@ -67,7 +69,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if k.shape[1] != q.shape[1]:  # grouped-query attention
+        if k.shape[1] != q.shape[1] and self.core is not causal_attention:
+            # grouped-query attention for cores that take equal head counts (sparse, ring, recomputed)
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = self.core(q, k, v)  # (B, nh, T, hs)

@@ -34,14 +34,14 @@ def accumulating_step(
     def step(batch: Batch) -> torch.Tensor:
         optimizer.zero_grad()
         parts = batch.split(microbatches)
-        total = torch.zeros(())
+        total = None  # on the loss's device: one host copy per step, not one sync per micro-batch
         for i, mb in enumerate(parts):
             ctx = no_sync() if i < len(parts) - 1 else nullcontext()
             with ctx:
                 part = loss(forward(mb.inputs), mb.targets) / len(parts)
                 (scale_loss(part) if scale_loss else part).backward()
-            total += part.detach().float().cpu()
+            total = part.detach().float() if total is None else total + part.detach().float()
         optimizer.step()
-        return total
+        return total.cpu()
 
     return step
