@@ -74,3 +74,22 @@ def test_device_suite_fits_its_budget_and_starts_with_every_adapter():
     assert 0 < total <= 420 and len(lines) == len(cells)
     assert any(c.knobs.model == "llama-1b" for c in cells)  # the MFU cell
     assert sum(c.knobs.model == "deep" and c.knobs.pp > 1 for c in cells) == 2  # the bubble cells
+
+
+def test_compiled_cell_compiles_the_loss_and_matches_the_reference(tmp_path_factory):
+    """`fusion: compile` (the MFU path): blocks and the loss compiled by inductor,
+    losses equal to the single-process reference (tiny, fp32, 2 ranks)."""
+    from tests.conftest import run_suite
+    from tests.reference import reference_losses
+
+    (rec,) = run_suite(tmp_path_factory, """
+name: compiled-loss
+steps: 2
+warmup: 1
+defaults: {adapter: inhouse, model: tiny, world_size: 2, batch_size: 8, seq_len: 32, fusion: compile}
+""")
+    assert rec["status"] == "ok", (rec["reason"], rec.get("stderr_tail"))
+    assert rec["notes"]["fusion"]["compiled_loss"] is True
+    ref = reference_losses(batch_size=8, seq_len=32, seed=0, steps=3)
+    for a, b in zip(rec["metrics"]["losses"], ref):
+        assert abs(a - b) <= 1e-5 * b, (rec["metrics"]["losses"], ref)

@@ -19,7 +19,7 @@ from impl.checkpointing import apply_activation_checkpointing
 from impl.data_parallel import apply_data_parallel
 from impl.fusion import apply_fusion, compile_blocks, validate_fusion
 from impl.mixed_precision import DynamicLossScaler, MasterWeightOptimizer
-from impl.model import Decoder
+from impl.model import Decoder, lm_loss
 from impl.parallel_dims import ParallelDims
 from impl.zero import apply_zero
 
@@ -124,8 +124,13 @@ class InhouseAdapter(Adapter):
             notes["checkpointing"] = (f"{knobs.checkpointing}: {wrapped} of {len(model.layers)} blocks "
                                       + ("recompute whole blocks" if knobs.checkpointing == "full"
                                          else "recompute the attention core"))
+        loss = lm_loss
         if knobs.fusion == "compile":
-            notes["fusion"] = {"compiled_blocks": compile_blocks(model), "backend": "inductor"}
+            notes["fusion"] = {"compiled_blocks": compile_blocks(model), "backend": "inductor",
+                               "compiled_loss": True}
+            # The loss compiled too: inductor fuses the fp32 upcast into the cross-entropy's
+            # reductions instead of materialising an fp32 copy of the (B, T, V) logits.
+            loss = torch.compile(lm_loss)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(knobs.precision)
         if knobs.zero:
             # Mixed precision: 16-bit parameters and gradients, fp32 master shards.
@@ -136,7 +141,7 @@ class InhouseAdapter(Adapter):
                               offload_optimizer=knobs.offload == "optimizer", scaler=scaler,
                               prefetch=value(settings, "zero.prefetch"))
             optimizer = zero.make_optimizer(lambda shards: make_optimizer(knobs.optimizer, _unnamed(shards)))
-            step = accumulating_step(model, zero, microbatches=knobs.microbatches, no_sync=zero.no_sync,
+            step = accumulating_step(model, zero, microbatches=knobs.microbatches, no_sync=zero.no_sync, loss=loss,
                                      scale_loss=zero.scale)
             notes["zero_units"] = len(zero.units)
             return TrainStep(step, modules=[model], optimizers=[optimizer], notes=notes, state=zero.state_tensors,
@@ -170,7 +175,7 @@ class InhouseAdapter(Adapter):
                 notes["allreduce"] = f"impl.allreduce.{knobs.allreduce} (synchronous in the hook: no overlap)"
             sync = apply_data_parallel(model, group=dist.group.WORLD, **kwargs)
         step = accumulating_step(
-            model, optimizer, microbatches=knobs.microbatches, no_sync=sync.no_sync if sync else nullcontext,
+            model, optimizer, microbatches=knobs.microbatches, no_sync=sync.no_sync if sync else nullcontext, loss=loss,
             scale_loss=getattr(optimizer, "scale", None),
         )
         return TrainStep(step, modules=[model], optimizers=[getattr(optimizer, "inner", optimizer)], notes=notes,
