@@ -27,7 +27,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.test_report_and_export import GOLDEN
+
+SWEEP = ROOT / "tests" / "data" / "sweep-golden.jsonl"
 
 WIDTH = 1280
 PROBE = """<script>
@@ -41,11 +44,28 @@ for (const level of ["error", "warn"]) {
 }
 addEventListener("load", () => {
   const table = document.getElementById("results-table");
+  const verdict = document.getElementById("verdict");
+  const external = [...document.querySelectorAll("[src],[href]")].map(e => e.getAttribute("src") || e.getAttribute("href"))
+    .filter(u => /^(https?:)?\/\//.test(u));
+  let sorted = null;
+  if (table) {  // click the "step ms" header and read the column back
+    const col = [...table.rows[0].cells].findIndex(c => c.title === "step_time_ms");
+    if (col >= 0) {
+      table.rows[0].cells[col].click();
+      sorted = [...table.rows].slice(1).map(r => r.cells[col].dataset.v ?? null);
+    }
+  }
   const out = {
+    verdict_top: verdict ? verdict.getBoundingClientRect().top : null,
+    verdict_rows: document.getElementById("verdict-table") ? document.getElementById("verdict-table").rows.length - 1 : 0,
+    external: external,
+    sorted_step_ms: sorted,
+    filters: document.querySelectorAll("input.filter").length,
+    config_maps: document.querySelectorAll("#config-map img").length,
     errors: __tb.errors,
     images: [...document.images].map(i => ({alt: i.alt, complete: i.complete, naturalWidth: i.naturalWidth,
                                            naturalHeight: i.naturalHeight, shownWidth: i.getBoundingClientRect().width})),
-    results_cells: table ? [...table.rows].slice(1).map(r => r.cells[0].textContent.trim()) : null,
+    results_cells: table ? [...table.rows].slice(1).map(r => (r.cells[0].title || r.cells[0].textContent).split(" — ")[0].trim()) : null,
     results_header: table ? [...table.rows[0].cells].map(c => c.textContent.trim()) : null,
     page_height: document.documentElement.scrollHeight,
     page_width: document.documentElement.scrollWidth,
@@ -106,6 +126,14 @@ def check_page(binary: str, page: Path, workdir: Path) -> PageCheck:
     return PageCheck(json.loads(html.unescape(found.group(1))), console)
 
 
+def section_screenshot(binary: str, page: Path, section: str, out: Path, height: int = 900) -> Path:
+    """A screenshot of one section: a copy of the page that shows only it."""
+    text = page.read_text()
+    alone = out.with_suffix(".html")
+    alone.write_text(text.replace("</head>", f"<style>body>*{{display:none}}body>#{section}{{display:block}}</style></head>", 1))
+    return screenshot(binary, alone, out, height)
+
+
 def screenshot(binary: str, page: Path, out: Path, height: int) -> Path:
     proc = _run(binary, out.parent / "profile", f"--screenshot={out}", f"--window-size={WIDTH},{height}", page.as_uri())
     assert proc.returncode == 0 and out.exists(), f"no screenshot ({proc.returncode}):\n{proc.stderr[-2000:]}"
@@ -119,6 +147,10 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_report_renders_in_headless_chromium(chromium, tmp_path):
+    """The smoke report: verdict first (above the fold at 1280 × 900), every cell listed
+    by its label with its id on hover, sortable and filterable tables, images loaded,
+    nothing fetched from the network, no console error; screenshots of the top, one
+    technique group's plots and the whole page are saved for review."""
     from bench.analysis.report import write_report
 
     page = write_report(GOLDEN, tmp_path / "reports")
@@ -126,20 +158,48 @@ def test_report_renders_in_headless_chromium(chromium, tmp_path):
     probe = result.probe
 
     assert probe["errors"] == [] and result.console == [], (probe["errors"], result.console)
+    assert probe["external"] == [], probe["external"]
+    assert 'id="skipped"' not in page.read_text()  # every section took every record
+    assert probe["verdict_top"] is not None and probe["verdict_top"] < 900, probe["verdict_top"]
+    assert probe["verdict_rows"] >= 1  # the golden run has cells under two adapters
     # Six golden cells give step time, tokens/s, peak memory, communication and MFU plots.
     assert len(probe["images"]) >= 5, probe["images"]
     for img in probe["images"]:
         assert img["complete"] and img["naturalWidth"] > 0 and img["naturalHeight"] > 0, img
         assert 0 < img["shownWidth"] <= WIDTH, img
     expected = [json.loads(line)["cell_id"] for line in GOLDEN.read_text().splitlines()]
-    assert probe["results_cells"] == expected
-    assert probe["results_header"][:3] == ["cell", "label", "status"]
+    assert sorted(probe["results_cells"]) == sorted(expected)
+    assert probe["results_header"][:3] == ["cell", "status", "step ms"]  # units in headers
+    ms = [float(v) for v in probe["sorted_step_ms"] if v is not None]  # after one click: ascending
+    assert len(ms) >= 5 and ms == sorted(ms), probe["sorted_step_ms"]
+    assert probe["page_width"] <= WIDTH  # no horizontal overflow: wide tables scroll inside their box
 
+    top = screenshot(chromium, page, tmp_path / "report-top.png", height=900)
+    group = section_screenshot(chromium, page, "plots", tmp_path / "report-plots.png", height=1400)
     shot = screenshot(chromium, page, tmp_path / "report.png", height=min(probe["page_height"], 16000))
     width, height = _png_size(shot)
     assert width == WIDTH and height >= min(probe["page_height"], 16000) * 0.9
-    assert shot.stat().st_size > 20_000  # a blank page compresses to a few KB
-    print(f"screenshot: {shot} ({width}x{height}); page {probe['page_width']}x{probe['page_height']}")
+    for png in (top, group, shot):
+        assert png.stat().st_size > 20_000, png  # a blank page compresses to a few KB
+    print(f"screenshots: {top}, {group}, {shot}; page {probe['page_width']}x{probe['page_height']}, "
+          f"{page.stat().st_size / 1024:.0f} KiB")
+
+
+def test_sweep_report_draws_the_configuration_map(chromium, tmp_path):
+    """A layout sweep (dp/tp/pp × micro-batches × ZeRO, with the planner's
+    predictions): the configuration map's two heat maps, screenshot saved."""
+    from bench.analysis.report import write_report
+
+    page = write_report(SWEEP, tmp_path / "reports")
+    result = check_page(chromium, page, tmp_path)
+    probe = result.probe
+    assert probe["errors"] == [] and result.console == [] and probe["external"] == []
+    assert probe["config_maps"] == 2, probe
+    assert probe["verdict_top"] < 900
+    top = screenshot(chromium, page, tmp_path / "sweep-top.png", height=900)
+    cmap = section_screenshot(chromium, page, "config-map", tmp_path / "sweep-config-map.png", height=1100)
+    assert cmap.stat().st_size > 20_000
+    print(f"screenshots: {top}, {cmap}")
 
 
 def test_probe_catches_broken_images_and_script_errors(chromium, tmp_path):

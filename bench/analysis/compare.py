@@ -209,8 +209,15 @@ def html_page(findings: list[Finding], base: Path, cand: Path) -> str:
     return (f"<!doctype html><meta charset='utf-8'><title>TrainBench compare</title>"
             f"<style>td,th{{border:1px solid #ccc;padding:3px 8px}}.bad{{background:#fdd}}</style>"
             f"<h1>{html.escape(base.name)} → {html.escape(cand.name)}</h1><p>{head}</p>"
-            f"<table><tr><th>cell</th><th>metric</th><th>verdict</th><th>launches</th><th>base</th><th>candidate</th>"
-            f"<th>ratio</th><th>ratio CI</th><th>p</th></tr>{rows}</table>")
+            f"<table id='compare-table'><tr><th>cell</th><th>metric</th><th>verdict</th><th>launches</th><th>base</th>"
+            f"<th>candidate</th><th>ratio</th><th>ratio CI</th><th>p</th></tr>{rows}</table>{_table_script()}")
+
+
+def _table_script() -> str:
+    """The report pages' inline sorting/filtering script (no network at view time)."""
+    from importlib.resources import files
+
+    return (files("bench.analysis.report") / "templates" / "_tables.html.j2").read_text().split("#}\n", 1)[1]
 
 
 def _fmt(v: Any) -> str:

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help=f"allow more than {MAX_CELLS} cells")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--repeat", type=int, help="launches per cell (overrides the suite's repeat)")
+    p.add_argument("--cell", action="append", metavar="CELL_ID",
+                   help="run only this cell (repeatable; ids as in results and reports)")
     p.add_argument("--launcher", choices=["local", "warm", "torchrun", "slurm"],
                    help="override the suite's launcher (local: warm fork server on one node, torchrun agents across nodes)")
     p.add_argument("--dry-run", action="store_true", help="slurm: write and print the sbatch scripts, submit nothing")

@@ -37,7 +37,7 @@ def cmd_list(args) -> int:
     from bench.config.techniques import TECHNIQUES
 
     table = Table(title="adapter × technique (ok | cpu-only/cuda-only | unsupported: reason)")
-    table.add_column("technique")
+    table.add_column("technique", no_wrap=True)  # the row key stays readable however narrow the terminal
     names = adapters.names()
     for n in names:
         table.add_column(n)

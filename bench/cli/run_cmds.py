@@ -54,6 +54,13 @@ def cmd_run(args) -> int:
             err_console.print(f"error: --repeat = {args.repeat}: launches per cell must be in 1..1000")
             return 2
         suite = suite.model_copy(update={"repeat": args.repeat})
+    if args.cell:
+        unknown = sorted(set(args.cell) - {c.id for c in cells})
+        if unknown:
+            err_console.print(f"error: --cell {', '.join(unknown)}: no such cell in {args.suite} "
+                              f"(`bench validate {args.suite}` lists the ids)")
+            return 2
+        cells = [c for c in cells if c.id in set(args.cell)]
     from bench.run.results import ResultsWriteError, RunInUse, check_run_id
     from bench.run.runner import Runner
 
@@ -88,7 +95,8 @@ def cmd_run(args) -> int:
     except (ValueError, FileNotFoundError) as exc:
         err_console.print(f"error: {exc}", soft_wrap=True)
         return 2
-    runner = Runner(suite, cells, results_root=results_root, run_id=run_id, launcher=launcher, progress=not args.no_progress)
+    runner = Runner(suite, cells, results_root=results_root, run_id=run_id, launcher=launcher, progress=not args.no_progress,
+                    suite_file=args.suite)
     if args.dry_run:
         for cell in cells:
             prepared = runner.prepare(cell)

@@ -54,8 +54,9 @@ class RunSummary:
 
 class Runner:
     def __init__(self, suite: Suite, cells: list[Cell], *, results_root: Path, run_id: str | None = None,
-                 launcher: Launcher | None = None, progress: bool = True) -> None:
+                 launcher: Launcher | None = None, progress: bool = True, suite_file: str | None = None) -> None:
         self.suite, self.cells = suite, cells
+        self.suite_file = suite_file  # as the user named it: the report's repro command
         self.run_file = RunFile(Path(results_root).resolve(), suite.name, run_id or new_run_id())
         self.launcher = launcher or WarmLocal()
         self.progress = progress
@@ -268,7 +269,7 @@ class Runner:
             "config": knobs.resolved(),
             "techniques": used_by(knobs),
             "run": {"steps": self.suite.steps, "warmup": self.suite.warmup, "seed": self.suite.seed, "timeout_s": self.suite.timeout_s,
-                    "quality": self.suite.quality.model_dump()},
+                    "quality": self.suite.quality.model_dump(), "suite_file": self.suite_file},
             "env": {**self.env, "device_name": result["device_name"] if result else None},
             "notes": {**(result["notes"] if result else {}), **({"plan": cell.plan} if cell.plan else {})},
             "metrics": metrics,

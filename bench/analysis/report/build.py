@@ -19,6 +19,8 @@ from bench.analysis.report.plots import (busbw_plot, loss_parity_plots, metric_p
 from bench.analysis.report.pipeline import BUBBLE_TOLERANCE, pipeline_bubble_rows
 from bench.analysis.report.scaling_fit import scaling_fit_plot, scaling_rows
 from bench.analysis.report.guard import Guard
+from bench.analysis.report.config_map import config_map_plots
+from bench.analysis.report.verdict import LOSS_PARITY_TOL, check_counts, provenance, verdict_rows
 from bench.run.results import read_records
 
 THEORY_TOLERANCE = {"comm_bytes_per_step": 0.01, "model_state_total": 0.05}
@@ -36,6 +38,7 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         knobs = {k: c[k] for k in ("world_size", "dp", "tp", "pp", "zero", "precision", "optimizer", "microbatches")}
         rows.append({
             "cell": r["cell_id"], "adapter": r["adapter"], "status": r["status"], "reason": r.get("reason") or "",
+            "repro": repro(r),
             "label": f"{r['adapter']} {cell_label(c)}" + (" [patched]" if (r.get("notes") or {}).get("patched") else ""),
             **knobs,
             "step_time_ms": m.get("step_time_median_s", float("nan")) * 1e3 if m else float("nan"),
@@ -59,6 +62,20 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "group": technique_group(r),
         })
     return pd.DataFrame(rows)
+
+
+HEADERS = {"cell": "cell", "label": "label", "status": "status", "step_time_ms": "step ms", "launches": "launches",
+           "step_time_ci_ms": "step ms 95 % CI", "launch_cv_pct": "launch CV %", "tokens_per_s": "tokens/s",
+           "mfu_pct": "MFU %", "peak_mem_mib": "peak MiB", "peak_rss_mib": "RSS MiB",
+           "comm_mib_per_step": "comm MiB/step", "final_loss": "final loss", "skipped_steps": "fp16 skipped steps",
+           "fixed_cost_s": "fixed cost s"}
+"""The results table's headers, with units (the column key is the header's tooltip)."""
+
+
+def repro(record: dict[str, Any]) -> str:
+    """The command that reruns this cell alone (its suite file as the run named it)."""
+    suite_file = (record.get("run") or {}).get("suite_file") or f"<{record['suite']}.yaml>"
+    return f"bench run {suite_file} --cell {record['cell_id']}"
 
 
 def _tokens_ci(m: dict[str, Any]) -> dict[str, float | None]:
@@ -216,17 +233,21 @@ def write_report(results_file: Path, out_root: Path) -> Path:
         raise ValueError(f"{results_file} holds no readable records ({len(skipped)} line(s) skipped)")
     suite, run_id = records[0]["suite"], records[0]["run_id"]
     g = Guard(skipped)
-    columns = ["cell", "label", "status", "step_time_ms", "launches", "step_time_ci_ms", "launch_cv_pct", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
+    columns = ["cell", "status", "step_time_ms", "launches", "step_time_ci_ms", "launch_cv_pct", "tokens_per_s", "mfu_pct", "peak_mem_mib", "peak_rss_mib",
                "comm_mib_per_step", "final_loss", "skipped_steps", "fixed_cost_s"]
     records, built = g.usable("results table", lambda rs: _table(frame(rs), columns), records)
     if not records:
         raise ValueError(f"{results_file} holds no record the report can read ({len(skipped)} skipped)")
     df, table = built
+    for row, r in zip(table, records):  # the first column shows the label; its tooltip the id and repro command
+        row.update(label=df.loc[df.cell == r["cell_id"], "label"].iloc[0], repro=repro(r))
 
     def df_plot(what: str, metric: str, group: str):
         try:
-            return metric_plot(df[(df.group == group) | (df.group == "baseline")], metric,
-                               f"{what}: {group} techniques beside the baseline cells")
+            if group == "baseline":
+                return metric_plot(df[df.group == "baseline"], metric, f"{what}: baseline cells")
+            return metric_plot(df[df.group == group], metric, f"{what}: {group} techniques (dashed: baselines)",
+                               baseline=df[df.group == "baseline"])
         except Exception as exc:  # noqa: BLE001 - named on the page, like a skipped record
             skipped.append(f"plot {what} — {group}: not shown: {type(exc).__name__}: {exc}"[:300])
             return None
@@ -240,6 +261,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
           for what, metric in (("tokens/s", "tokens_per_s"), ("peak memory MiB", "peak_mem_mib"),
                                ("communication MiB/step", "comm_mib_per_step"), ("MFU %", "mfu_pct"))
           for group in sorted(set(df.group) - {"baseline"}) or ["baseline"]),
+        *several("configuration map", config_map_plots),
         *single("all-reduce busbw", busbw_plot),
         *several("quality plots", lambda rs: quality_plots(rs, technique_group)),
         *several("loss parity plots", loss_parity_plots),
@@ -262,8 +284,22 @@ def write_report(results_file: Path, out_root: Path) -> Path:
         "explain_links": g.section("explain pages", lambda rs: explain_pages(rs, out_root / suite / run_id,
                                                                                technique_group), records, []),
     }
+    config_maps = [(t, i) for t, i in plots if t.startswith("configuration map")]
+    plots = [(t, i) for t, i in plots if not t.startswith("configuration map")]
+    verdict = g.section("verdict", lambda rs: verdict_rows(rs, technique_group), records, [])
+    counts = check_counts(records, sections["theory"], sections["adapter_ratios"])
+    nav = [(i, t) for i, t, shown in (
+        ("verdict", "Verdict", True), ("results", "Results", True), ("support", "Support", True),
+        ("theory", "Theory", True), ("quality", "Quality", bool(sections["quality"])),
+        ("adapter-ratios", "Frameworks", bool(sections["adapter_ratios"])),
+        ("config-map", "Configuration map", bool(config_maps)),
+        ("planner", "Planner", bool(sections["planner"])),
+        ("pipeline-bubble", "Pipeline", bool(sections["pipeline_bubble"])), ("plots", "Plots", True),
+        ("failures", "Failures", True)) if shown]
     html = _TEMPLATES.get_template("report.html.j2").render(
         suite=suite, run_id=run_id, env=records[0]["env"], skipped=skipped, table=table,
+        provenance=provenance(records), nav=nav, verdict=verdict, counts=counts, parity_tol=LOSS_PARITY_TOL,
+        headers=HEADERS, repro=repro, config_maps=config_maps,
         columns=columns, failures=[r for r in records if r["status"] != "ok"], plots=plots,
         tolerances=THEORY_TOLERANCE, bubble_tolerance=BUBBLE_TOLERANCE,
         sources=_distinct(records, "peak_mem_source"), peak_sources=_distinct(records, "peak_flops_source"),

@@ -47,14 +47,17 @@ def _legend_outside(ax) -> None:
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
 
 
-def metric_plot(df: pd.DataFrame, metric: str, title: str) -> str | None:
+def metric_plot(df: pd.DataFrame, metric: str, title: str, baseline: pd.DataFrame | None = None) -> str | None:
+    """One horizontal bar per cell, sized to its rows and its longest label;
+    ``baseline`` cells drawn once as dashed reference lines, not as bars."""
     plt = _pyplot()
     import seaborn as sns
 
     data = df.dropna(subset=[metric])
     if data.empty:
         return None
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(data) + 1.2))
+    longest = max(len(str(label)) for label in data["label"])
+    fig, ax = plt.subplots(figsize=(6 + min(0.075 * longest, 9), 0.4 * data["label"].nunique() + 1.4))
     sns.barplot(data=data, y="label", x=metric, hue="adapter", dodge=False, ax=ax, orient="h", errorbar=None)
     low, high = f"{metric}_low", f"{metric}_high"
     if low in data and data[low].notna().any():  # launch CIs (repeat > 1), one bar per label in data order
@@ -63,6 +66,11 @@ def metric_plot(df: pd.DataFrame, metric: str, title: str) -> str | None:
         ax.errorbar(x=rows[metric][has], y=rows.index[has], fmt="none", ecolor="black", capsize=3,
                     xerr=[(rows[metric] - rows[low])[has], (rows[high] - rows[metric])[has]])
         title += " (bars: CI across launches)"
+    if baseline is not None:
+        for _, b in baseline.dropna(subset=[metric]).iterrows():
+            ax.axvline(b[metric], linestyle="--", linewidth=1, color="grey")
+            ax.text(b[metric], 1.0, f" {b['adapter']} baseline", transform=ax.get_xaxis_transform(), rotation=90,
+                    va="top", ha="right", fontsize=7, color="grey")
     ax.set_title(title)
     ax.set_ylabel("")
     _legend_outside(ax)

@@ -1,0 +1,93 @@
+"""The report's first screen: the run's provenance in one line, then for each
+technique group which framework is fastest and which leanest on each cell run
+by several, by how much and how sure, and how many theory, loss-parity and
+launch checks passed.
+
+"Fastest" compares like with like only: cells that differ in nothing but the
+adapter (``adapter_ratio_rows``' groups). The ratio is the next adapter's step
+time ÷ the fastest's, as a Hodges–Lehmann ratio of launch medians with its 95 %
+bootstrap interval when both ran several launches (``bench.analysis.compare``);
+an interval that holds 1 reads "no significant difference", and one launch
+each reads "one launch: no interval".
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+from bench.analysis.compare import hodges_lehmann_ratio, launch_medians, ratio_ci
+from bench.analysis.report.labels import cell_label, config_key
+from bench.analysis.tuning import best_tuned
+
+LOSS_PARITY_TOL = 1e-4
+"""Relative final-loss difference under which two adapters' runs of one cell agree (fp32 parity is ≤ 1e-5)."""
+
+
+def provenance(records: list[dict[str, Any]]) -> str:
+    """One line: suite, run, commit, host, device, library versions, launches, steps."""
+    r = records[0]
+    env, run = r.get("env") or {}, r.get("run") or {}
+    versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
+    devices = sorted({x.get("env", {}).get("device_name") or x["config"].get("device", "?") for x in records})
+    launches = sorted({len((x.get("metrics") or {}).get("launches") or [None]) for x in records if x.get("metrics")})
+    return (f"{r['suite']} / {r['run_id']} · git {env.get('git_sha') or 'unknown'}"
+            f"{' (dirty)' if env.get('git_dirty') else ''} · {env.get('host', '?')} · {', '.join(devices)} · "
+            f"{versions} · {run.get('warmup', '?')} warm-up + {run.get('steps', '?')} timed steps · "
+            f"launches per cell: {', '.join(map(str, launches)) or '—'}")
+
+
+def verdict_rows(records: list[dict[str, Any]], group_of: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """Per cell run ok under two or more adapters: the fastest and the leanest."""
+    by_cell: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in best_tuned(records):
+        if r["status"] == "ok" and (r.get("metrics") or {}).get("step_time_median_s"):
+            by_cell[config_key(r["config"], ("adapter", "tuning_candidate"))].setdefault(r["adapter"], r)
+    rows = []
+    for by_adapter in by_cell.values():
+        if len(by_adapter) < 2:
+            continue
+        ranked = sorted(by_adapter.values(), key=lambda r: r["metrics"]["step_time_median_s"])
+        fast, second = ranked[0], ranked[1]
+        any_rec = ranked[0]
+        row = {"group": group_of(any_rec),
+               "cell": cell_label(any_rec["config"], drop=("adapter", "framework_config", "tuning_candidate")),
+               "fastest": fast["adapter"], "next": second["adapter"], **_time_ratio(fast, second)}
+        mem = sorted((r for r in by_adapter.values() if r["metrics"].get("peak_mem_bytes")),
+                     key=lambda r: r["metrics"]["peak_mem_bytes"])
+        if len(mem) >= 2:
+            row.update(leanest=mem[0]["adapter"],
+                       mem_ratio=mem[1]["metrics"]["peak_mem_bytes"] / mem[0]["metrics"]["peak_mem_bytes"],
+                       mem_next=mem[1]["adapter"])
+        rows.append(row)
+    return sorted(rows, key=lambda row: (row["group"], row["cell"]))
+
+
+def _time_ratio(fast: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    a, b = launch_medians(fast), launch_medians(second)
+    if len(a) >= 2 and len(b) >= 2:
+        low, high = ratio_ci(a, b)
+        ratio = hodges_lehmann_ratio(a, b)
+        sure = "no significant difference" if low <= 1.0 <= high else "significant"
+        return {"ratio": ratio, "ci": (low, high), "sure": sure}
+    ratio = second["metrics"]["step_time_median_s"] / fast["metrics"]["step_time_median_s"]
+    return {"ratio": ratio, "ci": None, "sure": "one launch: no interval"}
+
+
+def check_counts(records: list[dict[str, Any]], theory: list[dict[str, Any]],
+                 adapter_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Theory checks (within tolerance / explained by the adapter's note / unexplained),
+    loss parity between adapters, unstable cells, and non-ok cells by status."""
+    statuses: dict[str, int] = defaultdict(int)
+    for r in records:
+        statuses[r["status"]] += 1
+    checked = [t for t in theory if t["tolerance"] is not None]
+    parity = [a for a in adapter_rows if not a["is_reference"] and a["loss_rel_diff"] is not None]
+    return {
+        "cells": len(records), "statuses": dict(sorted(statuses.items())),
+        "theory_ok": sum(not t["out_of_tolerance"] for t in checked),
+        "theory_explained": sum(t["out_of_tolerance"] and bool(t["explained"]) for t in checked),
+        "theory_failed": sum(t["out_of_tolerance"] and not t["explained"] for t in checked),
+        "parity_ok": sum(a["loss_rel_diff"] <= LOSS_PARITY_TOL for a in parity),
+        "parity_failed": sum(a["loss_rel_diff"] > LOSS_PARITY_TOL for a in parity),
+        "unstable": sum(bool((r.get("metrics") or {}).get("unstable")) for r in records),
+    }
