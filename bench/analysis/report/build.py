@@ -39,7 +39,7 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         rows.append({
             "cell": r["cell_id"], "adapter": r["adapter"], "status": r["status"], "reason": r.get("reason") or "",
             "repro": repro(r),
-            "label": f"{r['adapter']} {cell_label(c)}" + (" [patched]" if (r.get("notes") or {}).get("patched") else ""),
+            "label": readable(r),
             **knobs,
             "step_time_ms": m.get("step_time_median_s", float("nan")) * 1e3 if m else float("nan"),
             # launch statistics (repeat > 1): the median of launch medians, its CI across launches, the launch CV
@@ -70,6 +70,12 @@ HEADERS = {"cell": "cell", "label": "label", "status": "status", "step_time_ms":
            "comm_mib_per_step": "comm MiB/step", "final_loss": "final loss", "skipped_steps": "fp16 skipped steps",
            "fixed_cost_s": "fixed cost s"}
 """The results table's headers, with units (the column key is the header's tooltip)."""
+
+
+def readable(record: dict[str, Any]) -> str:
+    """A cell's name on the page: its adapter and non-default knobs ([patched] where TrainBench patched the framework)."""
+    patched = " [patched]" if (record.get("notes") or {}).get("patched") else ""
+    return f"{record['adapter']} {cell_label(record['config'])}{patched}"
 
 
 def repro(record: dict[str, Any]) -> str:
@@ -155,7 +161,8 @@ def theory_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             notes = r.get("notes") or {}
             why = notes.get("comm_vs_theory") if key.startswith("comm") else notes.get("model_state_vs_theory")
             cost = theory.get("comm_cost") if key.startswith("comm") else theory.get("model_state_cost")
-            rows.append({"cell": r["cell_id"], "adapter": r["adapter"], "quantity": key, "ratio": ratio,
+            rows.append({"cell": r["cell_id"], "label": readable(r),
+                         "adapter": r["adapter"], "quantity": key, "ratio": ratio,
                          "tolerance": tol, "out_of_tolerance": tol is not None and abs(ratio - 1) > tol,
                          "explained": why or "", **_cost_columns(cost, r.get("metrics") or {}, key)})
     return rows
@@ -299,7 +306,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
     html = _TEMPLATES.get_template("report.html.j2").render(
         suite=suite, run_id=run_id, env=records[0]["env"], skipped=skipped, table=table,
         provenance=provenance(records), nav=nav, verdict=verdict, counts=counts, parity_tol=LOSS_PARITY_TOL,
-        headers=HEADERS, repro=repro, config_maps=config_maps,
+        headers=HEADERS, repro=repro, readable=readable, config_maps=config_maps,
         columns=columns, failures=[r for r in records if r["status"] != "ok"], plots=plots,
         tolerances=THEORY_TOLERANCE, bubble_tolerance=BUBBLE_TOLERANCE,
         sources=_distinct(records, "peak_mem_source"), peak_sources=_distinct(records, "peak_flops_source"),
