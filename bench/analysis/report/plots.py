@@ -47,6 +47,18 @@ def _legend_outside(ax) -> None:
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
 
 
+def _names(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Each cell's name in a figure: adapter and non-default label knobs; where two
+    cells share that (they differ in model, batch or sequence), the id's start too."""
+    from collections import Counter
+
+    from bench.analysis.report.labels import cell_label
+
+    base = {r["cell_id"]: f"{r['adapter']} {cell_label(r['config'])}" for r in records}
+    twice = {n for n, k in Counter(base.values()).items() if k > 1}
+    return {i: f"{n} ({i[:6]})" if n in twice else n for i, n in base.items()}
+
+
 def metric_plot(df: pd.DataFrame, metric: str, title: str, baseline: pd.DataFrame | None = None) -> str | None:
     """One horizontal bar per cell, sized to its rows and its longest label;
     ``baseline`` cells drawn once as dashed reference lines, not as bars."""
@@ -82,12 +94,15 @@ def step_plot(records: list[dict[str, Any]]) -> str | None:
     plt = _pyplot()
     import seaborn as sns
 
-    rows = [{"cell": f"{r['adapter']} {r['cell_id']}", "adapter": r["adapter"], "step_ms": s * 1e3}
-            for r in records if r.get("metrics") for s in r["metrics"]["step_time_s"]]
+    names = _names(records)
+    rows = [{"cell": names[r["cell_id"]], "adapter": r["adapter"], "step_ms": s * 1e3}
+            for r in sorted(records, key=lambda r: names[r["cell_id"]]) if r.get("metrics")
+            for s in r["metrics"]["step_time_s"]]
     if not rows:
         return None
     data = pd.DataFrame(rows)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * data["cell"].nunique() + 1.2))
+    longest = max(len(c) for c in data["cell"])
+    fig, ax = plt.subplots(figsize=(6 + min(0.075 * longest, 9), 0.4 * data["cell"].nunique() + 1.2))
     sns.pointplot(data=data, y="cell", x="step_ms", hue="adapter", estimator="median", errorbar=("pi", 80), linestyle="none", ax=ax)
     ax.set_title("step time (median, p10–p90 bars)")
     ax.set_ylabel("")
@@ -101,7 +116,8 @@ def launch_strip_plot(records: list[dict[str, Any]]) -> str | None:
     plt = _pyplot()
     import seaborn as sns
 
-    rows = [{"cell": f"{r['adapter']} {r['cell_id']}" + (" UNSTABLE" if r["metrics"].get("unstable") else ""),
+    names = _names(records)
+    rows = [{"cell": names[r["cell_id"]] + (" UNSTABLE" if r["metrics"].get("unstable") else ""),
              "adapter": r["adapter"], "launch_ms": launch["median_s"] * 1e3}
             for r in records if r.get("metrics") and len(r["metrics"].get("launches") or []) > 1
             for launch in r["metrics"]["launches"]]
