@@ -65,11 +65,11 @@ def metric_plot(df: pd.DataFrame, metric: str, title: str, baseline: pd.DataFram
     plt = _pyplot()
     import seaborn as sns
 
-    data = df.dropna(subset=[metric])
+    data = df.dropna(subset=[metric]).sort_values(["adapter", "label"])  # one adapter's cells together
     if data.empty:
         return None
     longest = max(len(str(label)) for label in data["label"])
-    fig, ax = plt.subplots(figsize=(6 + min(0.075 * longest, 9), 0.4 * data["label"].nunique() + 1.4))
+    fig, ax = plt.subplots(figsize=(6 + min(0.075 * longest, 9), max(2.4, 0.4 * data["label"].nunique() + 1.4)))
     sns.barplot(data=data, y="label", x=metric, hue="adapter", dodge=False, ax=ax, orient="h", errorbar=None)
     low, high = f"{metric}_low", f"{metric}_high"
     if low in data and data[low].notna().any():  # launch CIs (repeat > 1), one bar per label in data order
@@ -78,11 +78,12 @@ def metric_plot(df: pd.DataFrame, metric: str, title: str, baseline: pd.DataFram
         ax.errorbar(x=rows[metric][has], y=rows.index[has], fmt="none", ecolor="black", capsize=3,
                     xerr=[(rows[metric] - rows[low])[has], (rows[high] - rows[metric])[has]])
         title += " (bars: CI across launches)"
-    if baseline is not None:
-        for _, b in baseline.dropna(subset=[metric]).iterrows():
+    if baseline is not None:  # the baseline cell of each adapter plotted here, once, as a labelled dashed line
+        shown = baseline[baseline.adapter.isin(set(data.adapter))].dropna(subset=[metric])
+        for k, (_, b) in enumerate(shown.sort_values(metric).iterrows()):
             ax.axvline(b[metric], linestyle="--", linewidth=1, color="grey")
-            ax.text(b[metric], 1.0, f" {b['adapter']} baseline", transform=ax.get_xaxis_transform(), rotation=90,
-                    va="top", ha="right", fontsize=7, color="grey")
+            ax.text(b[metric], 0.97 - 0.09 * k, f" {b['adapter']} baseline", transform=ax.get_xaxis_transform(),
+                    va="top", ha="left", fontsize=7, color="grey")
     ax.set_title(title)
     ax.set_ylabel("")
     _legend_outside(ax)
