@@ -196,6 +196,7 @@ def test_sweep_report_draws_the_configuration_map(chromium, tmp_path):
     assert probe["errors"] == [] and result.console == [] and probe["external"] == []
     assert probe["config_maps"] == 2, probe
     assert probe["verdict_top"] < 900
+    assert "the planner&#39;s pick" in page.read_text() or "the planner's pick" in page.read_text()  # sweep verdict
     top = screenshot(chromium, page, tmp_path / "sweep-top.png", height=900)
     cmap = section_screenshot(chromium, page, "config-map", tmp_path / "sweep-config-map.png", height=1100)
     assert cmap.stat().st_size > 20_000

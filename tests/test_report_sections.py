@@ -109,3 +109,26 @@ def test_adapter_ratio_carries_its_launch_ci_and_the_strip_plot_shows_launches()
     assert row["time_ratio_ci"][0] < 1.0 < row["time_ratio_ci"][1] and row["time_significant"] is False
     assert launch_strip_plot([ref, slower]) is not None
     assert launch_strip_plot(golden) is None  # one launch per cell: nothing to strip
+
+
+def test_sweep_verdict_names_the_best_configuration_and_the_planners_pick():
+    """A layout sweep's verdict: best by tokens/s with its lead, leanest, and whether the
+    planner's pick (lowest predicted step time) is the measured best — and when it is not."""
+    import copy
+
+    from bench.analysis.report.verdict import sweep_verdicts
+    from bench.run.results import read_records
+    from tests.conftest import ROOT
+
+    recs = list(read_records(ROOT / "tests" / "data" / "sweep-golden.jsonl"))
+    (line,) = sweep_verdicts(recs)
+    best = max(recs, key=lambda r: r["metrics"]["tokens_per_s"])
+    assert f"{best['metrics']['tokens_per_s']:,.0f} tokens/s" in line and "is the measured best" in line
+    # plant a planner that prefers the slowest configuration
+    worst = min(recs, key=lambda r: r["metrics"]["tokens_per_s"])
+    planted = copy.deepcopy(recs)
+    for r in planted:
+        r["notes"]["plan"]["predicted"]["step_time_s"] = 0.001 if r["cell_id"] == worst["cell_id"] else 1.0
+    (line,) = sweep_verdicts(planted)
+    ratio = best["metrics"]["tokens_per_s"] / worst["metrics"]["tokens_per_s"]
+    assert f"measures {ratio:.2f}× slower than the best" in line

@@ -20,7 +20,7 @@ from bench.analysis.report.pipeline import BUBBLE_TOLERANCE, pipeline_bubble_row
 from bench.analysis.report.scaling_fit import scaling_fit_plot, scaling_rows
 from bench.analysis.report.guard import Guard
 from bench.analysis.report.config_map import config_map_plots
-from bench.analysis.report.verdict import LOSS_PARITY_TOL, check_counts, provenance, verdict_rows
+from bench.analysis.report.verdict import LOSS_PARITY_TOL, check_counts, provenance, sweep_verdicts, verdict_rows
 from bench.run.results import read_records
 
 THEORY_TOLERANCE = {"comm_bytes_per_step": 0.01, "model_state_total": 0.05}
@@ -295,6 +295,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
     plots = [(t, i) for t, i in plots if not t.startswith("configuration map")]
     verdict = g.section("verdict", lambda rs: verdict_rows(rs, technique_group), records, [])
     counts = check_counts(records, sections["theory"], sections["adapter_ratios"])
+    sweep_lines = g.section("sweep verdict", sweep_verdicts, records, [])
     nav = [(i, t) for i, t, shown in (
         ("verdict", "Verdict", True), ("results", "Results", True), ("support", "Support", True),
         ("theory", "Theory", True), ("quality", "Quality", bool(sections["quality"])),
@@ -306,7 +307,7 @@ def write_report(results_file: Path, out_root: Path) -> Path:
     html = _TEMPLATES.get_template("report.html.j2").render(
         suite=suite, run_id=run_id, env=records[0]["env"], skipped=skipped, table=table,
         provenance=provenance(records), nav=nav, verdict=verdict, counts=counts, parity_tol=LOSS_PARITY_TOL,
-        headers=HEADERS, repro=repro, readable=readable, config_maps=config_maps,
+        headers=HEADERS, repro=repro, readable=readable, config_maps=config_maps, sweep_lines=sweep_lines,
         columns=columns, failures=[r for r in records if r["status"] != "ok"], plots=plots,
         tolerances=THEORY_TOLERANCE, bubble_tolerance=BUBBLE_TOLERANCE,
         sources=_distinct(records, "peak_mem_source"), peak_sources=_distinct(records, "peak_flops_source"),

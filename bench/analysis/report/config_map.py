@@ -26,20 +26,20 @@ def sweeps(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
             groups[config_key(r["config"], SWEPT)].append(r)
     out = []
     for cells in groups.values():
-        rows, cols = {_row(r) for r in cells}, {_col(r) for r in cells}
+        rows, cols = {row_name(r) for r in cells}, {col_name(r) for r in cells}
         if len(cells) >= MIN_CELLS and (len(rows) > 1 or len(cols) > 1):
             out.append(cells)
     return out
 
 
-def _row(r: dict[str, Any]) -> str:
+def row_name(r: dict[str, Any]) -> str:
     c = r["config"]
     row = " ".join(f"{k}{c.get(k, 1)}" for k in LAYOUT if k != "cp" or c.get(k, 1) > 1)  # older records: no cp
     row += f" {c['tp_mode']}" if c.get("tp_mode", "1d") != "1d" else ""
     return row + (f" {c.get('pp_schedule', '1f1b')}" if c.get("pp", 1) > 1 else "")
 
 
-def _col(r: dict[str, Any]) -> str:
+def col_name(r: dict[str, Any]) -> str:
     c = r["config"]
     parts = [f"m{c.get('microbatches', 1)}", f"z{c.get('zero', 0)}"]
     parts += [str(c[k]) for k in ("sequence_parallel", "checkpointing") if c.get(k) not in (None, "none")]
@@ -54,7 +54,7 @@ def config_map_plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     for cells in sweeps(records):
         model = cells[0]["config"]["model"]
         for metric, what, best in (("tokens_per_s", "tokens/s", max), ("peak_mem_bytes", "peak MiB", min)):
-            values = {(_row(r), _col(r)): r for r in cells if r["metrics"].get(metric)}
+            values = {(row_name(r), col_name(r)): r for r in cells if r["metrics"].get(metric)}
             if len(values) < MIN_CELLS:
                 continue
             rows = sorted({k[0] for k in values})

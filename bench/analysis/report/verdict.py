@@ -91,3 +91,31 @@ def check_counts(records: list[dict[str, Any]], theory: list[dict[str, Any]],
         "parity_failed": sum(a["loss_rel_diff"] > LOSS_PARITY_TOL for a in parity),
         "unstable": sum(bool((r.get("metrics") or {}).get("unstable")) for r in records),
     }
+
+
+def sweep_verdicts(records: list[dict[str, Any]]) -> list[str]:
+    """One sentence per layout sweep (``config_map.sweeps``): the best configuration by
+    tokens/s and its lead over the second, the leanest by peak memory, and whether the
+    planner's pick (lowest predicted step time, cells with ``notes.plan``) is the best."""
+    from bench.analysis.report.config_map import col_name, row_name, sweeps
+
+    out = []
+    for cells in sweeps(records):
+        ranked = sorted(cells, key=lambda r: -r["metrics"]["tokens_per_s"])
+        best, second = ranked[0], ranked[1]
+        name = lambda r: f"{r['adapter']} {row_name(r)} {col_name(r)}"  # noqa: E731 - the map's row and column
+        line = (f"{best['config']['model']}, {len(cells)} configurations: best {name(best)} "
+                f"({best['metrics']['tokens_per_s']:,.0f} tokens/s, "
+                f"{best['metrics']['tokens_per_s'] / second['metrics']['tokens_per_s']:.2f}× the next, {name(second)})")
+        lean = min((r for r in cells if r["metrics"].get("peak_mem_bytes")),
+                   key=lambda r: r["metrics"]["peak_mem_bytes"], default=None)
+        if lean is not None:
+            line += f"; leanest {name(lean)} ({lean['metrics']['peak_mem_bytes'] / 2**20:.1f} MiB)"
+        planned = [r for r in cells if ((r.get("notes") or {}).get("plan") or {}).get("predicted")]
+        if len(planned) >= 2:
+            pick = min(planned, key=lambda r: r["notes"]["plan"]["predicted"]["step_time_s"])
+            line += (f"; the planner's pick {name(pick)} " + ("is the measured best" if pick is best else
+                     f"measures {best['metrics']['tokens_per_s'] / pick['metrics']['tokens_per_s']:.2f}× slower "
+                     f"than the best"))
+        out.append(line)
+    return out
