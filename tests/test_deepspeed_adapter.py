@@ -31,6 +31,7 @@ include:
   - {{zero: 3, microbatches: 2, checkpointing: full}}
   - {{zero: 1, precision: fp16}}
   - {{zero: 0, tp: 2}}
+  - {{zero: 3, framework_config: default}}
 """
 PSI = total_params(model_config("tiny"))
 N = 2
@@ -43,7 +44,8 @@ def _layer_fraction() -> float:
 
 def key(rec) -> tuple:
     c = rec["config"]
-    return (c["zero"], c["offload"], c["precision"], c["microbatches"], c["checkpointing"], c["tp"])
+    k = (c["zero"], c["offload"], c["precision"], c["microbatches"], c["checkpointing"], c["tp"])
+    return k + ("default",) if c["framework_config"] == "default" else k
 
 
 FP32 = {z: (z, "none", "fp32", 1, "none", 1) for z in range(4)}
@@ -63,7 +65,7 @@ def ds(tmp_path_factory):
     # A cold TORCH_EXTENSIONS_DIR JIT-builds DeepSpeed's shm comm and cpu_adam ops (~1 min) once.
     bench("run", str(tmp / "suite.yaml"), "--results", str(tmp / "results"), "--no-progress", timeout=1200)
     recs = {key(r): r for r in records(tmp / "results", "ds-adapter")}
-    assert len(recs) == 10
+    assert len(recs) == 11
     return recs
 
 
@@ -162,6 +164,23 @@ def test_model_state_bytes_per_rank(ds):
     # Where DeepSpeed keeps what the ZeRO formula counts, the harness's ratio is ~1.
     for k in (FP32[0], BF16):
         assert abs(ds[k]["theory_ratio"]["model_state_total"] - 1) < 0.05
+        assert "model_state_vs_theory" not in ds[k]["notes"]
+    # Where it keeps more, the record says what (the report counts these ratios as explained).
+    for k in (FP32[1], FP32[2], FP32[3], OFFLOAD3):
+        assert "fp32 master clone" in ds[k]["notes"]["model_state_vs_theory"], k
+    assert "grads 4Ψ/N instead of 4Ψ" in ds[FP32[1]]["notes"]["model_state_vs_theory"]
+    assert "two host fp32 gradient partitions" in ds[OFFLOAD3]["notes"]["model_state_vs_theory"]
+
+
+def test_zero3_defaults_keep_small_parameters_whole(ds):
+    """DeepSpeed's default stage3_param_persistence_threshold (1e5 elements) covers every
+    parameter of `tiny`: each stays whole on every rank beside its partition, 4Ψ + 4Ψ/N
+    of parameters, and the record names it (smoke's ZeRO-3 cell read 3× theory)."""
+    rec = ds[FP32[3] + ("default",)]
+    assert rec["status"] == "ok", rec["reason"]
+    params = rec["metrics"]["model_state_bytes"]["params"]
+    assert 4 * PSI * (1 + 1 / N) <= params <= 4 * PSI * (1 + 1 / N) * 1.01, params / PSI
+    assert "100.0% of Ψ·e" in rec["notes"]["model_state_vs_theory"]
 
 
 def test_measurements_are_complete(ds):

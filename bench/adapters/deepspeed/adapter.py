@@ -127,6 +127,9 @@ class DeepSpeedAdapter(Adapter):
         notes.update(deepspeed_pipeline.pipeline_notes(knobs, engine, partition) if dims.pp > 1
                      else deepspeed_comms.comm_vs_theory(knobs, recomputed_fraction=recomputed,
                                                          persistent_fraction=persistent))
+        why = model_state_differences(knobs, persistent)
+        if why:
+            notes["model_state_vs_theory"] = why
         window = deepspeed_comms.CommsLoggerWindow(dims.dp)
         notes[deepspeed_comms.NOTES_KEY] = window.summary  # filled in place on the metered step
         fn = (deepspeed_pipeline.pipeline_step_fn(engine, knobs.microbatches, state, window) if dims.pp > 1
@@ -302,6 +305,27 @@ def _step_fn(engine, microbatches: int, state: _ModelState, window):
         return total
 
     return step
+
+
+def model_state_differences(knobs: Knobs, persistent: float) -> str:
+    """What DeepSpeed keeps beyond (or below) the ZeRO formula of ``bench.theory``
+    (Ψ parameters, N ranks, e bytes per 16-bit or fp32 value), as the report's
+    explanation of a model-state ratio away from 1."""
+    parts = []
+    if knobs.zero >= 1 and knobs.precision == "fp32":
+        parts.append("an fp32 master clone of the optimizer partition even in fp32 training: optimizer +4Ψ/N")
+    if knobs.zero == 1:
+        parts.append("ZeRO-1 frees its full gradients before the step, so at the accumulation boundary only the "
+                     "reduced partition is live: grads 4Ψ/N instead of 4Ψ")
+    if knobs.zero == 3 and persistent > 0:
+        parts.append(f"parameters at or under stage3_param_persistence_threshold stay whole on every rank next to "
+                     f"their partitions: params + {persistent:.1%} of Ψ·e (all of them on a model this small)")
+    if knobs.offload != "none" and knobs.zero == 2 and knobs.precision != "fp32":
+        parts.append("with optimizer offload the host gradient partition CPUAdam reads is fp32: grads 4Ψ/N "
+                     "instead of 2Ψ/N")
+    if knobs.offload != "none" and knobs.zero == 3:
+        parts.append("ZeRO-3 offload keeps two host fp32 gradient partitions: grads 8Ψ/N")
+    return "; ".join(parts)
 
 
 def _persistent_fraction(model: Decoder, threshold: int) -> float:
