@@ -60,6 +60,8 @@ def build_step(knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.d
 
     step.skipped = 0
     opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    padding = {"padded": sum(b.numel - b.numel_unpadded for c in chunks for b in c.buffers),
+               "params": sum(b.numel_unpadded for c in chunks for b in c.buffers)}
     notes["megatron"] = {
         "ddp": {k: getattr(ddp_config, k) for k in ("overlap_grad_reduce", "overlap_param_gather",
                                                     "use_distributed_optimizer", "bucket_size",
@@ -67,11 +69,10 @@ def build_step(knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.d
         "optimizer": [f"{type(o).__module__}.{type(o).__name__}" for o in opts],
         "rank_order": RANK_ORDER, "model_chunks": len(chunks),
         "recompute": config.recompute_granularity,
-        "bucket_padding": {"padded": sum(b.numel - b.numel_unpadded for c in chunks for b in c.buffers),
-                           "params": sum(b.numel_unpadded for c in chunks for b in c.buffers)},
+        "bucket_padding": padding,
     }
     notes["framework_config"] = describe(knobs, settings(knobs))
-    why = _comm_differences(chunks, dims, knobs)
+    why = _comm_differences(padding, dims, knobs)
     if why:
         notes["comm_vs_theory"] = why
 
@@ -85,12 +86,12 @@ def build_step(knobs: Knobs, model: Decoder, dims: ParallelDims, device: torch.d
                      skipped_steps=(lambda: step.skipped) if config.fp16 else None)
 
 
-def _comm_differences(chunks: list[Any], dims: ParallelDims, knobs: Knobs) -> str:
-    """What Megatron sends beyond the papers' volumes, by name and size."""
+def _comm_differences(padding: dict[str, int], dims: ParallelDims, knobs: Knobs) -> str:
+    """What Megatron sends beyond the papers' volumes, by name and size (``padding``:
+    the DDP buffers' padded and parameter elements)."""
     parts = []
-    padded = sum(b.numel - b.numel_unpadded for c in chunks for b in c.buffers)
+    padded, total = padding["padded"], padding["params"]
     if padded and dims.dp > 1:
-        total = sum(b.numel_unpadded for c in chunks for b in c.buffers)
         parts.append(f"DDP bucket padding (with the distributed optimizer each parameter starts at a multiple of 64 "
                      f"values and each bucket ends at a multiple of lcm(dp, 128)): {padded} elements on {total} "
                      f"(+{padded / total:.3%}) in every gradient reduce-scatter and parameter all-gather")

@@ -23,17 +23,29 @@ from bench.analysis.tuning import best_tuned
 REFERENCE_ADAPTER = "inhouse"
 
 
-def adapter_ratio_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    # Cells differ in framework_config too, so a `theory` cell is never divided by a `default`
-    # one; `tuned` cells are compared best candidate against best candidate.
+def same_cell_groups(records: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
+    """Adapter → ok record, for each configuration run ok under two or more adapters.
+    Cells differ in framework_config too, so a `theory` cell is never grouped with a
+    `default` one; `tuned` cells enter as their best candidate."""
     groups: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for r in best_tuned(records):
         if r["status"] == "ok" and r.get("metrics"):
             groups[config_key(r["config"], ("adapter", "tuning_candidate"))].setdefault(r["adapter"], r)
+    return [by_adapter for by_adapter in groups.values() if len(by_adapter) >= 2]
+
+
+def launch_time_ratio(base: dict[str, Any], cand: dict[str, Any]) -> tuple[float, tuple[float, float]] | None:
+    """cand ÷ base step time as the Hodges–Lehmann ratio of launch medians with its
+    bootstrap CI, where both cells ran more than one launch (else None)."""
+    a, b = launch_medians(base), launch_medians(cand)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return hodges_lehmann_ratio(a, b), ratio_ci(a, b)
+
+
+def adapter_ratio_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    for by_adapter in groups.values():
-        if len(by_adapter) < 2:
-            continue
+    for by_adapter in same_cell_groups(records):
         ref_name = REFERENCE_ADAPTER if REFERENCE_ADAPTER in by_adapter else min(by_adapter)
         ref = by_adapter[ref_name]
         label = cell_label(ref["config"], drop=("adapter", "framework_config", "tuning_candidate"))
@@ -84,9 +96,8 @@ def _final_loss(metrics: dict[str, Any]) -> float | None:
 
 def _time_ci(record: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     """The time ratio from launch medians, with its CI, where both cells ran more than one launch."""
-    mine, theirs = launch_medians(record), launch_medians(ref)
-    if record is ref or len(mine) < 2 or len(theirs) < 2:
+    found = None if record is ref else launch_time_ratio(ref, record)
+    if found is None:
         return {"time_ratio_ci": None, "time_significant": None}
-    low, high = ratio_ci(theirs, mine)
-    return {"time_ratio": hodges_lehmann_ratio(theirs, mine), "time_ratio_ci": (low, high),
-            "time_significant": not low <= 1.0 <= high}
+    ratio, (low, high) = found
+    return {"time_ratio": ratio, "time_ratio_ci": (low, high), "time_significant": not low <= 1.0 <= high}

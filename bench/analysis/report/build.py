@@ -64,7 +64,7 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-HEADERS = {"cell": "cell", "label": "label", "status": "status", "step_time_ms": "step ms", "launches": "launches",
+HEADERS = {"cell": "cell", "status": "status", "step_time_ms": "step ms", "launches": "launches",
            "step_time_ci_ms": "step ms 95 % CI", "launch_cv_pct": "launch CV %", "tokens_per_s": "tokens/s",
            "mfu_pct": "MFU %", "peak_mem_mib": "peak MiB", "peak_rss_mib": "RSS MiB",
            "comm_mib_per_step": "comm MiB/step", "final_loss": "final loss", "skipped_steps": "fp16 skipped steps",
@@ -224,8 +224,9 @@ def checkpointing_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _table(df: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """The records' frame and the results table's rows (built once; a record that breaks either is skipped)."""
-    return df, df[columns].to_dict("records")
+    """The records' frame and the results table's rows (built once; a record that breaks either is skipped);
+    each row also carries the cell's label and repro command (the first column's text and tooltip)."""
+    return df, df[[*columns, "label", "repro"]].to_dict("records")
 
 
 def _distinct(records: list[dict[str, Any]], metric: str) -> list[str]:
@@ -246,8 +247,6 @@ def write_report(results_file: Path, out_root: Path) -> Path:
     if not records:
         raise ValueError(f"{results_file} holds no record the report can read ({len(skipped)} skipped)")
     df, table = built
-    for row, r in zip(table, records):  # the first column shows the label; its tooltip the id and repro command
-        row.update(label=df.loc[df.cell == r["cell_id"], "label"].iloc[0], repro=repro(r))
 
     def df_plot(what: str, metric: str, group: str):
         try:

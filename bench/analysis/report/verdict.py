@@ -4,7 +4,7 @@ by several, by how much and how sure, and how many theory, loss-parity and
 launch checks passed.
 
 "Fastest" compares like with like only: cells that differ in nothing but the
-adapter (``adapter_ratio_rows``' groups). The ratio is the next adapter's step
+adapter (``same_cell_groups``, as the same-cell table groups them). The ratio is the next adapter's step
 time ÷ the fastest's, as a Hodges–Lehmann ratio of launch medians with its 95 %
 bootstrap interval when both ran several launches (``bench.analysis.compare``);
 an interval that holds 1 reads "no significant difference", and one launch
@@ -15,9 +15,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Callable
 
-from bench.analysis.compare import hodges_lehmann_ratio, launch_medians, ratio_ci
-from bench.analysis.report.labels import cell_label, config_key
-from bench.analysis.tuning import best_tuned
+from bench.analysis.report.adapter_ratios import launch_time_ratio, same_cell_groups
+from bench.analysis.report.labels import cell_label
 
 LOSS_PARITY_TOL = 1e-4
 """Relative final-loss difference under which two adapters' runs of one cell agree (fp32 parity is ≤ 1e-5)."""
@@ -37,20 +36,15 @@ def provenance(records: list[dict[str, Any]]) -> str:
 
 
 def verdict_rows(records: list[dict[str, Any]], group_of: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
-    """Per cell run ok under two or more adapters: the fastest and the leanest."""
-    by_cell: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for r in best_tuned(records):
-        if r["status"] == "ok" and (r.get("metrics") or {}).get("step_time_median_s"):
-            by_cell[config_key(r["config"], ("adapter", "tuning_candidate"))].setdefault(r["adapter"], r)
+    """Per cell run ok under two or more adapters (``same_cell_groups``): the fastest and the leanest."""
     rows = []
-    for by_adapter in by_cell.values():
-        if len(by_adapter) < 2:
+    for by_adapter in same_cell_groups(records):
+        timed = [r for r in by_adapter.values() if r["metrics"].get("step_time_median_s")]
+        if len(timed) < 2:
             continue
-        ranked = sorted(by_adapter.values(), key=lambda r: r["metrics"]["step_time_median_s"])
-        fast, second = ranked[0], ranked[1]
-        any_rec = ranked[0]
-        row = {"group": group_of(any_rec),
-               "cell": cell_label(any_rec["config"], drop=("adapter", "framework_config", "tuning_candidate")),
+        fast, second = sorted(timed, key=lambda r: r["metrics"]["step_time_median_s"])[:2]
+        row = {"group": group_of(fast),
+               "cell": cell_label(fast["config"], drop=("adapter", "framework_config", "tuning_candidate")),
                "fastest": fast["adapter"], "next": second["adapter"], **_time_ratio(fast, second)}
         mem = sorted((r for r in by_adapter.values() if r["metrics"].get("peak_mem_bytes")),
                      key=lambda r: r["metrics"]["peak_mem_bytes"])
@@ -63,10 +57,9 @@ def verdict_rows(records: list[dict[str, Any]], group_of: Callable[[dict[str, An
 
 
 def _time_ratio(fast: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
-    a, b = launch_medians(fast), launch_medians(second)
-    if len(a) >= 2 and len(b) >= 2:
-        low, high = ratio_ci(a, b)
-        ratio = hodges_lehmann_ratio(a, b)
+    found = launch_time_ratio(fast, second)
+    if found is not None:
+        ratio, (low, high) = found
         sure = "no significant difference" if low <= 1.0 <= high else "significant"
         return {"ratio": ratio, "ci": (low, high), "sure": sure}
     ratio = second["metrics"]["step_time_median_s"] / fast["metrics"]["step_time_median_s"]
