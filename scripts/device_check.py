@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import shutil
 import subprocess
@@ -193,13 +192,14 @@ def summary(records: list[dict], fit: dict[str, float]) -> str:
         best = max(mine, key=lambda r: r["metrics"]["mfu"])
         lines.append(f"best in-house MFU: {best['metrics']['mfu'] * 100:.1f} % ({best['cell_id']}, "
                      f"{best['config']['model']})")
-        key = lambda r: tuple(sorted((k, str(v)) for k, v in r["config"].items() if k != "adapter"))  # noqa: E731
-        twins = {key(r): r for r in mine}
-        for r in ok:
-            t = twins.get(key(r))
-            if r["adapter"] != "inhouse" and t:
-                lines.append(f"  same cell: in-house MFU {t['metrics']['mfu'] * 100:.1f} % vs {r['adapter']} "
-                             f"{r['metrics']['mfu'] * 100:.1f} %")
+        from bench.analysis.report.adapter_ratios import same_cell_groups
+
+        for group in same_cell_groups(ok):  # cells that differ only in the adapter, as the report pairs them
+            t = group.get("inhouse")
+            for adapter, r in sorted(group.items()):
+                if t and adapter != "inhouse":
+                    lines.append(f"  same cell: in-house MFU {t['metrics']['mfu'] * 100:.1f} % vs {adapter} "
+                                 f"{r['metrics']['mfu'] * 100:.1f} %")
     return "\n".join(lines)
 
 
